@@ -39,6 +39,8 @@ DEFAULT_GIT_TIMEOUT = 300.0
 _REMOTE_SCHEMES = ("https", "http", "ssh", "git")
 _SHA_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _SCP_LIKE_RE = re.compile(r"^(?:[^@/:]+@)?[^/:]{2,}:")  # user@host:path; 2+ chars skips C:
+# git's "<transport>::<address>" form (ext::, fd::, ...) can run arbitrary commands.
+_TRANSPORT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
 _BAD_REF_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _GLOB_CHARS = frozenset("*?[")
 _SYMLINK_MODE = 0o120000
@@ -213,7 +215,9 @@ def _make_remote(url: str, auth: GitAuth | None) -> _Remote:
                 f"repository.url {safe!r} is a local path or file:// URL; local repositories "
                 f"are refused unless the app setting {ALLOW_LOCAL_SETTING}=1 is set"
             )
-    elif "://" in url and url.split("://", 1)[0].lower() not in _REMOTE_SCHEMES:
+    elif _TRANSPORT_RE.match(url) or (
+        "://" in url and url.split("://", 1)[0].lower() not in _REMOTE_SCHEMES
+    ):
         raise _permanent(
             f"repository.url {safe!r} uses an unsupported scheme; use one of "
             f"{', '.join(_REMOTE_SCHEMES)}"
@@ -255,8 +259,10 @@ def _ls_remote_candidates(ref: str) -> list[str]:
 def _resolve_ref(remote: _Remote, ref: str, scratch: Path) -> tuple[str, str]:
     """(commit SHA, full ref name) for ``ref``; a branch wins over a tag of the same name."""
     candidates = _ls_remote_candidates(ref)
+    # Protocol v2 filters by prefix, so an annotated tag's peeled line must be asked for.
+    wanted = [*candidates, *(f"{name}^{{}}" for name in candidates)]
     out = _run_git(
-        ["ls-remote", "--", remote.url, *candidates], scratch, remote, f"resolving ref {ref!r}"
+        ["ls-remote", "--", remote.url, *wanted], scratch, remote, f"resolving ref {ref!r}"
     )
     advertised: dict[str, str] = {}
     for line in out.splitlines():
@@ -357,10 +363,11 @@ def _fetch(tmp: Path, remote: _Remote, commit: str, ref_hint: str | None) -> Non
 
 def _has_commit(tmp: Path, remote: _Remote, commit: str) -> bool:
     try:
-        _run_git(["cat-file", "-e", f"{commit}^{{commit}}"], tmp, remote, "checking the commit")
+        kind = _run_git(["cat-file", "-t", commit], tmp, remote, "checking the commit")
     except RepoError:
         return False
-    return True
+    # A tag object's SHA would check out fine but never equal HEAD, so it is not a commit here.
+    return kind.strip() == "commit"
 
 
 def _build_checkout(tmp: Path, remote: _Remote, commit: str, ref_hint: str | None) -> None:
