@@ -15,8 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from notebookops.redact import MASK, redact
+
 APP_TOKEN_SETTING = "NOTEBOOKOPS_GIT_TOKEN"  # noqa: S105 - the setting name, not a token
-REDACTED = "***"
+REDACTED = MASK
 
 _DEV_AZURE_HOSTS = {"dev.azure.com", "ssh.dev.azure.com"}
 _VISUALSTUDIO_SUFFIX = ".visualstudio.com"
@@ -54,9 +56,8 @@ def url_userinfo_secrets(url: str) -> list[str]:
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove every known secret, any URL user-info and any Authorization header value."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
+    """The house redaction plus what git adds: URL user-info and Authorization header values."""
+    text = redact(text, secrets)
     text = _USERINFO_RE.sub(r"\g<scheme>" + REDACTED + "@", text)
     return _AUTH_HEADER_RE.sub(r"\g<1>" + REDACTED, text)
 
@@ -157,9 +158,8 @@ class GitAuth:
         return f"Basic {encoded}"
 
     def secrets(self) -> list[str]:
-        """Every form in which the token could show up in git's output."""
-        encoded = self.header_value.split(" ", 1)[1]
-        return [self.token, encoded, self.header_value]
+        """Secrets to scrub; notebookops.redact also masks their Basic/base64 forms."""
+        return [self.token]
 
     def git_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment entries that add the header to one git command, appended after any
