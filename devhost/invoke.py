@@ -1,0 +1,101 @@
+"""Call user functions the way the Python worker does: keyword arguments named after bindings,
+values converted by azure-functions' own converters, async functions run to completion."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import traceback
+import uuid
+from typing import Any
+
+import azure.functions as func
+from azure.functions import meta
+from azure.functions.durable_functions import ActivityTriggerConverter
+from azure.functions.servicebus import ServiceBusMessageInConverter
+
+from .app import FunctionInfo
+
+
+class FunctionError(Exception):
+    """A user function raised; `reason` is what the worker reports ("Type: message")."""
+
+    def __init__(self, function: str, exc: BaseException) -> None:
+        self.function = function
+        self.reason = f"{type(exc).__name__}: {exc}"
+        self.stack = "".join(traceback.format_exception(exc))
+        super().__init__(f"function '{function}' failed: {self.reason}")
+
+
+class _Context:
+    """The `context` parameter the worker passes to functions that ask for it."""
+
+    def __init__(self, name: str, directory: str) -> None:
+        self.invocation_id = str(uuid.uuid4())
+        self.function_name = name
+        self.function_directory = directory
+        self.trace_context = None
+        self.retry_context = None
+        self.thread_local_storage = None
+
+
+def call(info: FunctionInfo, kwargs: dict[str, Any], app_dir: str) -> Any:
+    if "context" in info.params and "context" not in kwargs:
+        kwargs["context"] = _Context(info.name, app_dir)
+    try:
+        result = info.func(**kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+    except Exception as exc:
+        raise FunctionError(info.name, exc) from exc
+    return result
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def run_activity(info: FunctionInfo, input_text: str | None, app_dir: str) -> str | None:
+    """Returns TaskCompleted.Result: the JSON text the host records for the activity's value."""
+    argument = ActivityTriggerConverter.decode(
+        meta.Datum(input_text if input_text is not None else "null", "string"),
+        trigger_metadata=None,
+    )
+    value = call(info, {info.trigger["name"]: argument}, app_dir)
+    datum = ActivityTriggerConverter.encode(value, expected_type=None)
+    # The host parses the worker's JSON and re-serialises it compactly (DurableActivityContext).
+    text = datum.value
+    if text is None:
+        return None
+    return json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+
+
+def failure_details(error: FunctionError) -> str:
+    """TaskFailed.Details: the host serialises the RpcException the worker's failure became."""
+    return json.dumps(
+        {
+            "ClassName": "Microsoft.Azure.WebJobs.Script.Workers.Rpc.RpcException",
+            "Message": f"Result: Failure\nException: {error.reason}\nStack: {error.stack}",
+        }
+    )
+
+
+def service_bus_message(
+    body: bytes,
+    *,
+    message_id: str,
+    delivery_count: int,
+    application_properties: dict[str, Any] | None,
+) -> func.ServiceBusMessage:
+    """Build the message through the worker's converter, from the trigger metadata the
+    Service Bus extension 5.x sends (both property keys carry the same dictionary)."""
+    props = json.dumps(application_properties or {})
+    metadata = {
+        "MessageId": meta.Datum(message_id, "string"),
+        "DeliveryCount": meta.Datum(delivery_count, "int"),
+        "ApplicationProperties": meta.Datum(props, "json"),
+        "UserProperties": meta.Datum(props, "json"),
+        "ContentType": meta.Datum("application/json", "string"),
+    }
+    return ServiceBusMessageInConverter.decode(meta.Datum(body, "bytes"), trigger_metadata=metadata)
