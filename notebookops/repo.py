@@ -397,6 +397,9 @@ def _ensure(remote: _Remote, commit: str, root: Path, ref_hint: str | None) -> P
         if final.exists():
             log.warning("discarding incomplete checkout %s", final)
             shutil.rmtree(final, ignore_errors=True)
+        # Builds only happen under this lock, so any temp dir for this key is a crashed build.
+        for stale in root.glob(f".tmp-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
         try:
             log.info("fetching %s at %s", remote.safe_url, commit[:7])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -254,6 +255,10 @@ def test_concurrent_callers_share_one_checkout(
     monkeypatch.setattr(
         repo_mod, "_build_checkout", lambda *a: (builds.append(a[2]), real_build(*a))[1]
     )
+    cache = Path(os.environ["NOTEBOOKOPS_CHECKOUT_DIR"])
+    url_hash = hashlib.sha256(file_url(src).encode()).hexdigest()[:16]
+    crashed = cache / f".tmp-{url_hash}-{shas[-1]}-crashed"  # left by a killed worker
+    (crashed / ".git").mkdir(parents=True)
     barrier = threading.Barrier(6)
     results: list[CloneResult | BaseException] = []
 
@@ -273,7 +278,6 @@ def test_concurrent_callers_share_one_checkout(
     assert len(results) == 6
     assert {r.checkout for r in results} == {results[0].checkout}  # type: ignore[union-attr]
     assert builds == [shas[-1]]
-    cache = Path(os.environ["NOTEBOOKOPS_CHECKOUT_DIR"])
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
     assert _git(results[0].checkout, "status", "--porcelain") == ""  # type: ignore[union-attr]
 
