@@ -1,0 +1,317 @@
+"""The compute backend contract: what the orchestrator's activities need from whatever runs a
+notebook.
+
+Everything here is SDK-agnostic and travels between durable activities as JSON through the
+`to_dict()` / `from_dict()` pairs (camelCase keys, like the rest of the app's JSON). Backends
+live in their own modules (`local`, `azureml`, `azureml_v1`) and are found through `registry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELED = "canceled"
+TIMED_OUT = "timedOut"
+
+STATES = frozenset({QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED, TIMED_OUT})
+TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED, TIMED_OUT})
+
+
+class BackendError(Exception):
+    """Base of the errors backends raise on purpose."""
+
+
+class PermanentBackendError(BackendError):
+    """Retrying cannot help (bad configuration, refused or unknown backend, vanished run).
+
+    Any other exception from a backend is treated as transient and retried by the orchestrator.
+    """
+
+
+class RunNotFinishedError(BackendError):
+    """Output was asked for before the run reached a terminal state (transient: ask again later)."""
+
+
+def _require(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    if key not in data:
+        raise ValueError(f"{where}: missing field {key!r}")
+    value = data[key]
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}: field {key!r} has invalid value {value!r}")
+    return value
+
+
+def _optional(data: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = data.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{where}: field {key!r} has invalid value {value!r}")
+    return value
+
+
+_SLUG_DROP = re.compile(r"[^a-z0-9]+")
+_KEY_HASH_CHARS = 20  # 80 bits: collisions between distinct inputs are not a practical concern
+_KEY_MAX = 64
+_KEY_PREFIX = "nb-"
+
+
+def run_key(instance_id: str, notebook_path: str) -> str:
+    """Deterministic idempotency key for one notebook of one orchestration instance.
+
+    Safe as a folder name and as an Azure ML job name: lowercase letters, digits and `-`, at most
+    64 characters, starting with a letter. A readable slug of the notebook path (its tail, where the
+    file name is) is followed by a hash of both inputs, so distinct inputs give distinct keys even
+    when their slugs agree.
+    """
+    if not isinstance(instance_id, str) or not instance_id:
+        raise ValueError(f"run_key: instance_id must be a non-empty string, got {instance_id!r}")
+    if not isinstance(notebook_path, str) or not notebook_path:
+        raise ValueError(
+            f"run_key: notebook_path must be a non-empty string, got {notebook_path!r}"
+        )
+    # JSON encoding keeps the pair unambiguous ("a", "b/c") vs ("a/b", "c").
+    digest = hashlib.sha256(json.dumps([instance_id, notebook_path]).encode()).hexdigest()
+    digest = digest[:_KEY_HASH_CHARS]
+    stem = notebook_path[: -len(".ipynb")] if notebook_path.endswith(".ipynb") else notebook_path
+    budget = _KEY_MAX - len(_KEY_PREFIX) - 1 - len(digest)
+    slug = _SLUG_DROP.sub("-", stem.lower()).strip("-")[-budget:].strip("-")
+    return f"{_KEY_PREFIX}{slug}-{digest}" if slug else f"{_KEY_PREFIX}{digest}"
+
+
+@dataclass
+class RunSpec:
+    """One notebook to run. Backends copy `checkout` and never write into it."""
+
+    run_key: str
+    instance_id: str
+    notebook: str  # POSIX path relative to the checkout root
+    checkout: str  # absolute path of a local checkout at `commit`
+    commit: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    timeout_seconds: float | None = None
+    compute: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runKey": self.run_key,
+            "instanceId": self.instance_id,
+            "notebook": self.notebook,
+            "checkout": self.checkout,
+            "commit": self.commit,
+            "parameters": self.parameters,
+            "timeoutSeconds": self.timeout_seconds,
+            "compute": self.compute,
+            "tags": self.tags,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        where = "RunSpec"
+        timeout = (
+            _optional(data, "timeoutSeconds", (int, float), where)
+            if isinstance(data, dict)
+            else None
+        )
+        spec = cls(
+            run_key=_require(data, "runKey", str, where),
+            instance_id=_require(data, "instanceId", str, where),
+            notebook=_require(data, "notebook", str, where),
+            checkout=_require(data, "checkout", str, where),
+            commit=_require(data, "commit", str, where),
+            parameters=_optional(data, "parameters", dict, where) or {},
+            timeout_seconds=float(timeout) if timeout is not None else None,
+            compute=_optional(data, "compute", dict, where) or {},
+            tags=_optional(data, "tags", dict, where) or {},
+        )
+        if isinstance(timeout, bool) or (timeout is not None and timeout <= 0):
+            raise ValueError(f"{where}: field 'timeoutSeconds' has invalid value {timeout!r}")
+        return spec
+
+
+@dataclass
+class RunHandle:
+    """Where a run lives. `data` is backend-private, enough for a new process to find the run."""
+
+    backend: str
+    run_id: str
+    portal_url: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "runId": self.run_id,
+            "portalUrl": self.portal_url,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunHandle:
+        where = "RunHandle"
+        return cls(
+            backend=_require(data, "backend", str, where),
+            run_id=_require(data, "runId", str, where),
+            portal_url=_optional(data, "portalUrl", str, where),
+            data=_optional(data, "data", dict, where) or {},
+        )
+
+
+@dataclass
+class RunError:
+    """Why a notebook failed. `cell_index` counts all cells of the notebook as committed (0-based,
+    markdown and raw cells included, cells inserted by papermill excluded); None when no cell is to
+    blame.
+    """
+
+    cell_index: int | None
+    ename: str
+    evalue: str
+    traceback: str = ""  # joined lines, ANSI escape codes stripped
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cellIndex": self.cell_index,
+            "ename": self.ename,
+            "evalue": self.evalue,
+            "traceback": self.traceback,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunError:
+        where = "RunError"
+        index = _optional(data, "cellIndex", int, where) if isinstance(data, dict) else None
+        return cls(
+            cell_index=index,
+            ename=_require(data, "ename", str, where),
+            evalue=_require(data, "evalue", str, where),
+            traceback=_optional(data, "traceback", str, where) or "",
+        )
+
+
+@dataclass
+class RunStatus:
+    """A normalised snapshot of a run. `raw_status` is the backend's own word for it."""
+
+    state: str
+    raw_status: str
+    error: RunError | None = None
+    started_at: str | None = None  # ISO 8601 UTC
+    ended_at: str | None = None
+    message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise ValueError(f"RunStatus: field 'state' has invalid value {self.state!r}")
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "rawStatus": self.raw_status,
+            "error": self.error.to_dict() if self.error else None,
+            "startedAt": self.started_at,
+            "endedAt": self.ended_at,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunStatus:
+        where = "RunStatus"
+        error = _optional(data, "error", dict, where) if isinstance(data, dict) else None
+        return cls(
+            state=_require(data, "state", str, where),
+            raw_status=_require(data, "rawStatus", str, where),
+            error=RunError.from_dict(error) if error else None,
+            started_at=_optional(data, "startedAt", str, where),
+            ended_at=_optional(data, "endedAt", str, where),
+            message=_optional(data, "message", str, where),
+        )
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """How the orchestrator spaces monitor rounds for a backend: a capped geometric backoff."""
+
+    first_interval_seconds: float
+    factor: float
+    max_interval_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.first_interval_seconds <= 0:
+            raise ValueError(
+                "PollPolicy: first_interval_seconds has invalid value "
+                f"{self.first_interval_seconds!r}"
+            )
+        if self.factor < 1:
+            raise ValueError(f"PollPolicy: factor has invalid value {self.factor!r}")
+        if self.max_interval_seconds < self.first_interval_seconds:
+            raise ValueError(
+                f"PollPolicy: max_interval_seconds has invalid value {self.max_interval_seconds!r}"
+            )
+
+    def interval(self, round_number: int) -> float:
+        """Seconds to wait before monitor round `round_number` (0-based). Pure, so replay-safe."""
+        if round_number < 0:
+            raise ValueError(
+                f"PollPolicy.interval: round_number has invalid value {round_number!r}"
+            )
+        value = self.first_interval_seconds
+        for _ in range(round_number):
+            value *= self.factor
+            if value >= self.max_interval_seconds:
+                return self.max_interval_seconds
+        return min(value, self.max_interval_seconds)
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "firstIntervalSeconds": self.first_interval_seconds,
+            "factor": self.factor,
+            "maxIntervalSeconds": self.max_interval_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PollPolicy:
+        where = "PollPolicy"
+        number = (int, float)
+        return cls(
+            first_interval_seconds=float(_require(data, "firstIntervalSeconds", number, where)),
+            factor=float(_require(data, "factor", number, where)),
+            max_interval_seconds=float(_require(data, "maxIntervalSeconds", number, where)),
+        )
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A place that runs notebooks.
+
+    - `submit` is idempotent on `spec.run_key` (never a second run) and returns without waiting.
+    - `cancel` is idempotent and a no-op on a terminal run.
+    - `fetch_output` copies the executed notebook to `dest` and returns it, or None when the run
+      produced none; it raises RunNotFinishedError before the run is terminal.
+    - Permanent failures raise PermanentBackendError; anything else is retried by the caller.
+    """
+
+    name: str
+    poll_policy: PollPolicy
+
+    def submit(self, spec: RunSpec) -> RunHandle: ...
+
+    def status(self, handle: RunHandle) -> RunStatus: ...
+
+    def cancel(self, handle: RunHandle) -> None: ...
+
+    def fetch_output(self, handle: RunHandle, dest: Path) -> Path | None: ...

@@ -1,0 +1,284 @@
+"""The `local` backend: run notebooks with papermill on this machine, each in a detached process.
+
+It executes repository code on the host, so it is refused unless NOTEBOOKOPS_ALLOW_LOCAL_BACKEND=1.
+
+Environment:
+- NOTEBOOKOPS_LOCAL_RUNS_DIR  runs root (default `<tempdir>/notebookops-runs`), a folder per run
+- NOTEBOOKOPS_LOCAL_WORKERS   notebooks executing at once across the runs root (default: CPU count)
+
+The whole-notebook timeout counts from the moment a run holds a worker slot, not from submit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from notebookops.compute.base import (
+    CANCELED,
+    FAILED,
+    TERMINAL_STATES,
+    PermanentBackendError,
+    PollPolicy,
+    RunError,
+    RunHandle,
+    RunNotFinishedError,
+    RunSpec,
+    RunStatus,
+)
+from notebookops.compute.local_state import RUNNER_MODULE, RunFiles, flocked, write_json_atomic
+from notebookops.notebook_errors import error_from_file
+
+ALLOW_ENV = "NOTEBOOKOPS_ALLOW_LOCAL_BACKEND"
+RUNS_DIR_ENV = "NOTEBOOKOPS_LOCAL_RUNS_DIR"
+WORKERS_ENV = "NOTEBOOKOPS_LOCAL_WORKERS"
+
+# How long cancel waits for the runner to save the partial notebook before killing it outright.
+CANCEL_GRACE_SECONDS = 10.0
+_RUN_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _workers_from_env() -> int:
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if not raw:
+        return os.cpu_count() or 1
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise PermanentBackendError(
+            f"{WORKERS_ENV} must be a positive whole number of notebooks, got {raw!r}"
+        )
+    return value
+
+
+class LocalBackend:
+    name = "local"
+    # Local runs start in about a second and a status call is a file read, so poll briskly.
+    poll_policy = PollPolicy(first_interval_seconds=0.5, factor=1.5, max_interval_seconds=5.0)
+
+    def __init__(
+        self,
+        runs_dir: Path | str | None = None,
+        workers: int | None = None,
+        allowed: bool | None = None,
+    ) -> None:
+        if allowed is None:
+            allowed = os.environ.get(ALLOW_ENV, "").strip() == "1"
+        if not allowed:
+            raise PermanentBackendError(
+                "compute backend 'local' is disabled because it executes repository code on this "
+                f"host; set {ALLOW_ENV}=1 in the app settings to enable it"
+            )
+        if runs_dir is None:
+            runs_dir = os.environ.get(RUNS_DIR_ENV, "").strip() or (
+                Path(tempfile.gettempdir()) / "notebookops-runs"
+            )
+        self.runs_root = Path(runs_dir).resolve()
+        if workers is not None and (isinstance(workers, bool) or workers < 1):
+            raise PermanentBackendError(f"workers must be a positive number, got {workers!r}")
+        self.workers = workers if workers is not None else _workers_from_env()
+
+    # -- submit -------------------------------------------------------------------------------
+
+    def submit(self, spec: RunSpec) -> RunHandle:
+        source_root, notebook = self._validate(spec)
+        run_dir = self.runs_root / spec.run_key
+        locks = self.runs_root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        # One submit per key at a time, across threads and processes; the loser finds the run.
+        with flocked(locks / f"{spec.run_key}.lock"):
+            files = RunFiles(run_dir)
+            if files.runner_pid() is not None:
+                return self._handle(spec.run_key, run_dir, notebook)
+            if run_dir.exists():  # left over by a submit that died half-way
+                shutil.rmtree(run_dir)
+            run_dir.mkdir()
+            self._stage(source_root, files.work)
+            files.output_dir.mkdir()
+            write_json_atomic(
+                files.run_json,
+                {
+                    "runKey": spec.run_key,
+                    "notebook": notebook,
+                    "parameters": spec.parameters,
+                    "timeoutSeconds": spec.timeout_seconds,
+                    "kernel": spec.compute.get("kernel"),
+                    "workers": self.workers,
+                    "runsRoot": str(self.runs_root),
+                },
+            )
+            files.init_state()
+            self._start_runner(files)
+            return self._handle(spec.run_key, run_dir, notebook)
+
+    def _validate(self, spec: RunSpec) -> tuple[Path, str]:
+        """Returns the folder to copy and the notebook's path inside it."""
+        if not isinstance(spec.run_key, str) or not _RUN_KEY.match(spec.run_key):
+            raise PermanentBackendError(
+                f"run_key must be lowercase letters, digits, '-' or '_', start with a letter and "
+                f"be at most 64 characters, got {spec.run_key!r}"
+            )
+        checkout = Path(spec.checkout)
+        if not checkout.is_absolute() or not checkout.is_dir():
+            raise PermanentBackendError(
+                f"checkout must be an existing absolute folder, got {spec.checkout!r}"
+            )
+        source_dir = spec.compute.get("sourceDirectory") or "."
+        notebook = PurePosixPath(spec.notebook)
+        for name, value in (("notebook", notebook), ("sourceDirectory", PurePosixPath(source_dir))):
+            if value.is_absolute() or ".." in value.parts:
+                raise PermanentBackendError(
+                    f"{name} must be a path inside the checkout, got {str(value)!r}"
+                )
+        source_root = checkout / source_dir
+        try:
+            inner = notebook.relative_to(PurePosixPath(source_dir))
+        except ValueError:
+            raise PermanentBackendError(
+                f"notebook {spec.notebook!r} is not inside sourceDirectory {source_dir!r}"
+            ) from None
+        if not (source_root / inner).is_file():
+            raise PermanentBackendError(
+                f"notebook {spec.notebook!r} does not exist in the checkout "
+                f"at commit {spec.commit!r}"
+            )
+        if spec.timeout_seconds is not None and not spec.timeout_seconds > 0:
+            raise PermanentBackendError(
+                f"timeout_seconds must be positive, got {spec.timeout_seconds!r}"
+            )
+        try:
+            import json
+
+            json.dumps(spec.parameters)
+        except (TypeError, ValueError) as exc:
+            raise PermanentBackendError(f"parameters must be JSON values: {exc}") from None
+        return source_root, inner.as_posix()
+
+    @staticmethod
+    def _stage(source_root: Path, work: Path) -> None:
+        """Copy the checkout: the run may write next to its notebook, never into the original."""
+        shutil.copytree(source_root, work, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+        # A read-only checkout gives a read-only copy; the run owns its copy, so make it writable.
+        for folder, dirs, names in os.walk(work):
+            for name in [*dirs, *names]:
+                path = os.path.join(folder, name)
+                mode = os.lstat(path).st_mode
+                if not stat.S_ISLNK(mode) and not mode & stat.S_IWUSR:
+                    os.chmod(path, mode | stat.S_IWUSR)
+
+    def _start_runner(self, files: RunFiles) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        with open(files.log, "ab") as log:
+            # The runner forks and this first process exits at once, so this waits milliseconds.
+            result = subprocess.run(
+                [sys.executable, "-m", RUNNER_MODULE, str(files.run_dir)],
+                cwd=files.run_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                timeout=120,
+                check=False,
+            )
+        if result.returncode != 0 or files.runner_pid() is None:
+            raise RuntimeError(
+                f"local runner for {files.run_dir.name} did not start (exit code "
+                f"{result.returncode}); see {files.log}"
+            )
+
+    def _handle(self, key: str, run_dir: Path, notebook: str) -> RunHandle:
+        output = RunFiles(run_dir).output_path(notebook)
+        return RunHandle(
+            backend=self.name,
+            run_id=key,
+            portal_url=output.as_uri(),
+            data={"runDir": str(run_dir), "notebook": notebook},
+        )
+
+    # -- status, cancel, output ---------------------------------------------------------------
+
+    def _files(self, handle: RunHandle) -> RunFiles:
+        run_dir = handle.data.get("runDir") if isinstance(handle.data, dict) else None
+        if not isinstance(run_dir, str) or not run_dir:
+            raise PermanentBackendError(f"run handle has no runDir: {handle.data!r}")
+        files = RunFiles(Path(run_dir))
+        if not files.state_json.is_file():
+            raise PermanentBackendError(
+                f"local run {handle.run_id!r} not found: {run_dir!r} has no state "
+                "(the runs folder was cleaned or belongs to another machine)"
+            )
+        return files
+
+    def status(self, handle: RunHandle) -> RunStatus:
+        files = self._files(handle)
+        state = files.read_state()
+        if state.get("state") not in TERMINAL_STATES and not files.runner_alive():
+            pid = files.runner_pid()
+            output = files.output_path(handle.data.get("notebook", ""))
+            error = error_from_file(output) if output.is_file() else None
+            files.finalize(
+                FAILED,
+                f"local runner (pid {pid}) exited without reporting a result; it was killed "
+                "or crashed (see runner.log in the run folder)",
+                error.to_dict() if error else None,
+            )
+            files.kill_kernel_group()
+            state = files.read_state()  # whoever decided, report what is on disk
+        return self._to_status(state)
+
+    @staticmethod
+    def _to_status(state: dict[str, Any]) -> RunStatus:
+        error = state.get("error")
+        return RunStatus(
+            state=state["state"],
+            raw_status=state["state"],
+            error=RunError.from_dict(error) if error else None,
+            started_at=state.get("startedAt"),
+            ended_at=state.get("endedAt"),
+            message=state.get("message"),
+        )
+
+    def cancel(self, handle: RunHandle) -> None:
+        files = self._files(handle)
+        if not files.finalize(CANCELED, "canceled on request"):
+            return  # already over: cancel is a no-op
+        pid = files.runner_pid()
+        if pid is not None and files.runner_alive():
+            import signal
+
+            # The runner kills its kernel and saves the partial notebook on SIGTERM.
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            while files.runner_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        files.kill_kernel_group()
+        files.kill_runner_group()
+
+    def fetch_output(self, handle: RunHandle, dest: Path) -> Path | None:
+        files = self._files(handle)
+        if files.read_state().get("state") not in TERMINAL_STATES:
+            raise RunNotFinishedError(f"local run {handle.run_id!r} has not finished yet")
+        output = files.output_path(handle.data.get("notebook", ""))
+        if not output.is_file():
+            return None
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / output.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(output, dest)
+        return dest
