@@ -9,6 +9,7 @@ and never contain the pipeline token.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import keyword
 import math
@@ -473,6 +474,9 @@ def _unknown_keys(
             hint = ""
             if isinstance(key, str) and key in _CALLBACK_FIELDS and not path:
                 hint = ' (callback values go in the "devops" object or the message properties)'
+            elif isinstance(key, str):
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
             problems.add(
                 _join(path, key), f"unknown field{hint}; allowed fields: {', '.join(allowed)}"
             )

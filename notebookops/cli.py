@@ -1,0 +1,104 @@
+"""``python -m notebookops``: one subcommand per job, each added by a function in COMMANDS.
+
+A subcommand is a function taking the subparsers object: it adds its parser and sets
+``handler`` (``args -> exit code``) with ``set_defaults``. Modules behind a subcommand import
+their heavy dependencies inside the handler so ``validate`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from notebookops import __version__
+
+__all__ = ["COMMANDS", "EXIT_INVALID", "UsageError", "build_parser", "main", "read_properties"]
+
+EXIT_INVALID = 2
+
+Subparsers = Any  # argparse keeps the subparsers action type private
+CommandAdder = Callable[[Subparsers], None]
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files: reported on stderr, exit code 2."""
+
+
+def _read_json_object(path: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def read_properties(path: str | None) -> dict[str, Any] | None:
+    """The application properties a --properties file stands in for (Service Bus message)."""
+    return None if path is None else _read_json_object(path, "properties file")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from notebookops.request import inspect_message
+
+    properties = read_properties(args.properties)
+    try:
+        body = Path(args.body).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read message body {args.body}: {exc.strerror or exc}") from None
+    request, _, errors = inspect_message(body, properties=properties)
+    if errors or request is None:
+        for error in errors:
+            print(error, file=sys.stderr)
+        return EXIT_INVALID
+    count = len(request.notebooks)
+    entries = "entry" if count == 1 else "entries"
+    print(f"valid: {count} notebook {entries}, backend {request.compute.backend}")
+    return 0
+
+
+def add_validate_command(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a message body (and its properties) without running anything",
+        description="Exit 0 when the message would run; otherwise print each problem and exit 2.",
+    )
+    parser.add_argument("body", metavar="BODY.json", help="message body as the queue delivers it")
+    parser.add_argument(
+        "--properties",
+        metavar="PROPS.json",
+        help="JSON object of Service Bus application properties (PlanUrl, AuthToken, ...)",
+    )
+    parser.set_defaults(handler=_validate)
+
+
+COMMANDS: list[CommandAdder] = [add_validate_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m notebookops",
+        description="Run Jupyter notebooks from Azure DevOps on Azure ML or locally.",
+    )
+    parser.add_argument("--version", action="version", version=f"notebookops {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
