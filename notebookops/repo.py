@@ -51,10 +51,11 @@ _AUTH_FAILURE = (
     "terminal prompts disabled",
     "returned error: 401",
     "returned error: 403",
-    "permission denied",
+    "permission denied (publickey",
     "access denied",
 )
-_NOT_A_REPO = ("does not appear to be a git repository", "repository not found")
+# TF401019: Azure Repos' "does not exist or you do not have permissions".
+_NOT_A_REPO = ("does not appear to be a git repository", "repository not found", "tf401019")
 
 
 class RepoError(Exception):
@@ -287,7 +288,12 @@ def _cache_root(cache_root: Path | None) -> Path:
             else Path(tempfile.gettempdir()) / "notebookops-checkouts"
         )
     root = Path(cache_root).absolute()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RepoError(
+            f"cannot create the checkout cache {str(root)!r}: {exc.strerror}", permanent=False
+        ) from None
     return root
 
 

@@ -481,3 +481,20 @@ def test_a_silent_server_is_a_transient_timeout(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(RepoError, match=r"resolving ref 'main' of .* timed out after 1 s") as e:
             resolve_and_checkout(url, "main", None, ["a.ipynb"])
     assert e.value.permanent is False
+
+
+def test_missing_repository_is_permanent(tmp_path: Path) -> None:
+    url = file_url(tmp_path / "nowhere")
+    with pytest.raises(RepoError, match=rf"{url} is not a reachable repository") as err:
+        resolve_and_checkout(url, "main", None, ["a.ipynb"])
+    assert err.value.permanent
+
+
+def test_header_config_is_appended_after_existing_git_config_env() -> None:
+    auth = GitAuth(token=TOKEN, scope="https://dev.azure.com/", source="pipeline")
+    env = auth.git_env({"GIT_CONFIG_COUNT": "2"})
+    assert env == {
+        "GIT_CONFIG_COUNT": "3",
+        "GIT_CONFIG_KEY_2": "http.https://dev.azure.com/.extraHeader",
+        "GIT_CONFIG_VALUE_2": f"Authorization: {auth.header_value}",
+    }
