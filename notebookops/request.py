@@ -332,7 +332,10 @@ class _Problems:
 
 
 def _join(path: str, key: object) -> str:
+    # Keys come from the message too: keep each error on one line and of readable length.
     name = key if isinstance(key, str) else repr(key)
+    if not name.isprintable() or len(name) > 60:
+        name = json.dumps(name[:60])
     return f"{path}.{name}" if path else name
 
 
@@ -368,6 +371,16 @@ _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_r
 
 def _load_body(body: object, problems: _Problems, size_limit: bool) -> Mapping[str, Any] | None:
     if isinstance(body, Mapping):
+        if size_limit:
+            try:
+                size = len(json.dumps(body, default=str).encode("utf-8", errors="replace"))
+            except (ValueError, TypeError, RecursionError):
+                size = 0  # the field checks report what cannot be serialized
+            if size > MAX_BODY_BYTES:
+                problems.add(
+                    "body", f"is {size} bytes as JSON, more than the {MAX_BODY_BYTES}-byte limit"
+                )
+                return None
         return body
     if isinstance(body, str):
         body = body.encode("utf-8", errors="surrogatepass")

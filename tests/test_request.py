@@ -567,3 +567,14 @@ def test_arbitrary_json_only_ever_raises_request_error(message, props, headers):
         assert RunRequest.from_dict(request.to_dict()) == request
     request, _, errors = inspect_message(message, properties=props, headers=headers)
     assert (request is None) == bool(errors)
+
+
+def test_keys_with_line_breaks_keep_each_error_on_one_line():
+    errors = errors_of(body(**{"evil\nkey": 1}, parameters={"a\rb": 1}))
+    assert len(errors) == 2 and all("\n" not in e and "\r" not in e for e in errors)
+    assert errors[0].startswith('"evil\\nkey": unknown field')
+
+
+def test_mapping_bodies_are_size_limited_too():
+    (error,) = errors_of(body(parameters={"blob": "x" * (256 * 1024)}))
+    assert error.startswith("body: is ") and "262144-byte limit" in error
