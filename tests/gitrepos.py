@@ -7,6 +7,8 @@
 
 File values: ``str`` (UTF-8 text), ``bytes``, ``dict`` (a notebook, written with nbformat),
 ``Symlink("target")`` (a symlink committed as such), or ``None`` (delete, in :func:`commit`).
+Cloning these through notebookops.repo needs ``NOTEBOOKOPS_ALLOW_LOCAL_REPOS=1``; for
+hermetic tests also point ``GIT_CONFIG_GLOBAL`` at an empty file (see tests/test_repo.py).
 """
 
 from __future__ import annotations
