@@ -45,7 +45,7 @@ _SECRET_KEY = re.compile(
 )
 
 _lock = threading.Lock()
-_registry: OrderedDict[str, None] = OrderedDict()
+_registry: OrderedDict[str, frozenset[str]] = OrderedDict()
 _registry_forms: tuple[str, ...] = ()
 
 
@@ -96,7 +96,7 @@ def register_secret(secret: str | None) -> bool:
     if not isinstance(secret, str) or len(secret.strip()) < MIN_REGISTERED_LENGTH:
         return False
     with _lock:
-        _registry[secret] = None
+        _registry[secret] = _registry.get(secret) or frozenset(_forms(secret))
         _registry.move_to_end(secret)
         while len(_registry) > MAX_REGISTERED:
             _registry.popitem(last=False)
@@ -117,9 +117,7 @@ def registered_secret_count() -> int:
 
 
 def _all_forms() -> tuple[str, ...]:
-    forms: set[str] = set()
-    for secret in _registry:
-        forms |= _forms(secret)
+    forms: set[str] = set().union(*_registry.values())
     return tuple(sorted(forms, key=len, reverse=True))
 
 

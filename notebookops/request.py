@@ -17,12 +17,12 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
 from notebookops.datacontract import decode_body
-from notebookops.redact import MASK, is_secret_key, redact
+from notebookops.redact import MASK, is_secret_key, redact, redact_mapping
 
 __all__ = [
     "BACKENDS",
@@ -141,7 +141,18 @@ class Callback:
         return callback
 
 
-@dataclass(frozen=True)
+def _masked_repr(obj: Any) -> str:
+    """The dataclass repr with secret-looking parameter values (password, *_KEY...) masked."""
+    parts = []
+    for item in fields(obj):
+        value = getattr(obj, item.name)
+        if item.name == "parameters":
+            value = redact_mapping(value)
+        parts.append(f"{item.name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True, repr=False)
 class NotebookEntry:
     """One notebook (or glob of notebooks) to run, relative to the repository root."""
 
@@ -149,6 +160,8 @@ class NotebookEntry:
     parameters: dict[str, Any] = field(default_factory=dict)
     timeout_minutes: float | None = None
     allow_failure: bool = False
+
+    __repr__ = _masked_repr
 
     def to_dict(self) -> str | dict[str, Any]:
         if not self.parameters and self.timeout_minutes is None and not self.allow_failure:
@@ -185,7 +198,7 @@ class ComputeSpec:
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class RunRequest:
     """A validated message: what to clone, which notebooks to run where, whom to call back."""
 
@@ -199,6 +212,8 @@ class RunRequest:
     fail_fast: bool = False
     max_parallel: int = 20
     callback: Callback | None = None
+
+    __repr__ = _masked_repr
 
     def to_dict(self, *, mask_secrets: bool = False) -> dict[str, Any]:
         """The design.md message shape; ``mask_secrets`` for anything a person may read."""

@@ -578,3 +578,16 @@ def test_keys_with_line_breaks_keep_each_error_on_one_line():
 def test_mapping_bodies_are_size_limited_too():
     (error,) = errors_of(body(parameters={"blob": "x" * (256 * 1024)}))
     assert error.startswith("body: is ") and "262144-byte limit" in error
+
+
+def test_repr_masks_secret_looking_parameters():
+    request = parse_request(
+        body(
+            parameters={"db_password": "pw-123456", "env": "ci"},
+            notebooks=[{"path": "a.ipynb", "parameters": {"API_KEY": "k-987654"}}],
+        )
+    )
+    text = repr(request)
+    assert "pw-123456" not in text and "k-987654" not in text
+    assert "'env': 'ci'" in text and "'db_password': '***'" in text
+    assert request.parameters["db_password"] == "pw-123456"  # the value itself is intact
