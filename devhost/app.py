@@ -81,6 +81,7 @@ class AppIndex:
 
 
 _MODULES: dict[Path, Any] = {}
+_INDEXED: dict[Path, list[Any]] = {}
 
 
 def _import_app_module(app_dir: Path) -> Any:
@@ -130,7 +131,11 @@ def load_app(app_dir: str | Path) -> AppIndex:
     if app is None or not hasattr(app, "get_functions"):
         raise AppIndexError(f"{app_dir / 'function_app.py'}: defines no `app` with get_functions()")
     functions: dict[str, FunctionInfo] = {}
-    for fn in app.get_functions():
+    # get_functions() validates names into the app object and raises on a second call.
+    indexed = _INDEXED.get(app_dir)
+    if indexed is None:
+        indexed = _INDEXED[app_dir] = list(app.get_functions())
+    for fn in indexed:
         name = fn.get_function_name()
         doc = json.loads(fn.get_function_json())
         bindings = doc.get("bindings", [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import threading
 import traceback
 import uuid
 from typing import Any
@@ -40,13 +41,28 @@ class _Context:
         self.thread_local_storage = None
 
 
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """One long-lived loop for async functions, as the worker has: the durable client keeps
+    an aiohttp session bound to the loop it was first used on."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="devhost-async", daemon=True).start()
+        return _LOOP
+
+
 def call(info: FunctionInfo, kwargs: dict[str, Any], app_dir: str) -> Any:
     if "context" in info.params and "context" not in kwargs:
         kwargs["context"] = _Context(info.name, app_dir)
     try:
         result = info.func(**kwargs)
         if inspect.isawaitable(result):
-            result = asyncio.run(_await(result))
+            result = asyncio.run_coroutine_threadsafe(_await(result), _event_loop()).result()
     except Exception as exc:
         raise FunctionError(info.name, exc) from exc
     return result

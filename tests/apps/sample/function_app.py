@@ -173,6 +173,9 @@ async def ClientOps(
     if op == "status":
         status = await client.get_status(args["id"], show_history=args.get("history", False))
         result = status.to_json() if status and status.runtime_status else None
+        if result is not None and args.get("history"):
+            # The SDK keeps the API's historyEvents under that name; .history stays None.
+            result["historyEvents"] = getattr(status, "historyEvents", None)
     elif op == "status_by":
         found = await client.get_status_by(
             runtime_status=[df.OrchestrationRuntimeStatus(s) for s in args["statuses"]]
