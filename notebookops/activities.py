@@ -1,0 +1,209 @@
+"""What each activity does, as plain functions over the JSON the orchestrator sends.
+
+Every activity is safe to run twice (the host runs activities at least once): clone
+reuses the checkout cache, submit maps (instance, notebook) to one run key that a backend
+never starts twice, monitor only reads and cancels, and report is idempotent per instance.
+Permanent problems come back as values ({"ok": false, "error": ...}) so the orchestrator
+does not retry them; transient ones raise and the host retries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from notebookops import redact, sealing
+
+log = logging.getLogger("notebookops")
+OUTPUT_DIR_SETTING = "NOTEBOOKOPS_OUTPUT_DIR"
+
+
+def _token(payload: dict[str, Any]) -> str | None:
+    token = sealing.unseal(payload.get("auth"))
+    if token:
+        redact.register_secret(token)
+    return token
+
+
+def _git_auth(url: str, payload: dict[str, Any]) -> Any:
+    from notebookops.gitauth import GitAuth
+
+    plan_url = (payload.get("devops") or {}).get("planUrl")
+    return GitAuth.for_request(url, plan_url, _token(payload))
+
+
+def output_root(instance_id: str) -> Path:
+    base = os.environ.get(OUTPUT_DIR_SETTING, "").strip() or (
+        Path(tempfile.gettempdir()) / "notebookops-outputs"
+    )
+    return Path(base) / instance_id
+
+
+def clone(payload: dict[str, Any]) -> dict[str, Any]:
+    from notebookops.repo import RepoError, resolve_and_checkout
+
+    repository = payload["repository"]
+    try:
+        result = resolve_and_checkout(
+            repository["url"],
+            repository.get("ref") or "main",
+            repository.get("commit"),
+            list(payload["patterns"]),
+            auth=_git_auth(repository["url"], payload),
+        )
+    except RepoError as exc:
+        if exc.permanent:
+            return {"ok": False, "error": redact.redact_known(str(exc))}
+        raise
+    log.info(
+        "clone: %s at %s, %d notebook(s)",
+        repository["url"],
+        result.commit[:12],
+        len(result.notebooks),
+    )
+    return {"ok": True, **result.to_dict()}
+
+
+def submit(payload: dict[str, Any]) -> dict[str, Any]:
+    from notebookops.compute.base import PermanentBackendError, RunSpec, run_key
+    from notebookops.compute.registry import get_backend
+    from notebookops.repo import RepoError, ensure_checkout
+
+    compute = payload.get("compute") or {}
+    try:
+        backend = get_backend(compute.get("backend"))
+        checkout = ensure_checkout(
+            payload["repository"], payload["commit"], auth=_git_auth(payload["repository"], payload)
+        )
+        spec = RunSpec(
+            run_key=run_key(payload["instanceId"], payload["path"]),
+            instance_id=payload["instanceId"],
+            notebook=payload["path"],
+            checkout=str(checkout),
+            commit=payload["commit"],
+            parameters=payload.get("parameters") or {},
+            timeout_seconds=payload.get("timeoutSeconds"),
+            compute=compute,
+            tags=_tags(payload),
+        )
+        handle = backend.submit(spec)
+    except PermanentBackendError as exc:
+        return {"ok": False, "error": redact.redact_known(str(exc))}
+    except RepoError as exc:
+        if exc.permanent:
+            return {"ok": False, "error": redact.redact_known(str(exc))}
+        raise
+    log.info("submit: %s -> %s", payload["path"], handle.run_id)
+    return {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
+
+
+def _tags(payload: dict[str, Any]) -> dict[str, str]:
+    devops = payload.get("devops") or {}
+    tags = {
+        "notebookops.instance": payload["instanceId"],
+        "notebookops.notebook": payload["path"],
+        "notebookops.commit": payload["commit"],
+    }
+    for key in ("planId", "jobId", "buildId"):
+        if devops.get(key):
+            tags[f"devops.{key}"] = str(devops[key])
+    return tags
+
+
+def monitor(payload: dict[str, Any]) -> dict[str, Any]:
+    """One round over the runs still pending: cancel what must stop, read every status, and
+    fetch the executed notebook of each run that finished."""
+    from notebookops.compute.base import RunHandle
+
+    results = []
+    for stop in payload.get("cancel", []):
+        results.append(_stop(payload["instanceId"], stop))
+    for run in payload.get("runs", []):
+        handle = RunHandle.from_dict(run["handle"])
+        try:
+            results.append(_observe(payload["instanceId"], run["path"], handle))
+        except Exception as exc:  # one unreachable run must not hide the others' progress
+            log.warning("monitor: %s: %s", run["path"], redact.redact_known(str(exc)))
+            results.append(
+                {
+                    "path": run["path"],
+                    "state": None,
+                    "message": f"status unavailable: {redact.redact_known(str(exc))}",
+                }
+            )
+    return {"runs": results}
+
+
+def _backend(handle: Any) -> Any:
+    from notebookops.compute.registry import get_backend
+
+    return get_backend(handle.backend)
+
+
+def _stop(instance_id: str, stop: dict[str, Any]) -> dict[str, Any]:
+    from notebookops.compute.base import RunHandle
+
+    handle = RunHandle.from_dict(stop["handle"])
+    backend = _backend(handle)
+    status = backend.status(handle)
+    if not status.terminal:
+        backend.cancel(handle)
+        status = backend.status(handle)
+        # The orchestrator decided why it stopped (deadline or failFast): report that.
+        return {
+            **_describe(instance_id, stop["path"], handle, backend, status),
+            "state": stop["state"],
+            "message": stop["message"],
+        }
+    return _describe(instance_id, stop["path"], handle, backend, status)
+
+
+def _observe(instance_id: str, path: str, handle: Any) -> dict[str, Any]:
+    backend = _backend(handle)
+    return _describe(instance_id, path, handle, backend, backend.status(handle))
+
+
+def _describe(
+    instance_id: str, path: str, handle: Any, backend: Any, status: Any
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "path": path,
+        "state": status.state,
+        "message": status.message,
+        "error": status.error.to_dict() if status.error else None,
+    }
+    if status.started_at and status.ended_at:
+        result["durationSeconds"] = round(
+            (_parse(status.ended_at) - _parse(status.started_at)).total_seconds(), 3
+        )
+    if status.terminal:
+        dest = output_root(instance_id) / "notebooks" / PurePosixPath(path)
+        fetched = backend.fetch_output(handle, dest)
+        result["outputNotebook"] = str(fetched) if fetched else None
+    return result
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def report(payload: dict[str, Any]) -> dict[str, Any]:
+    """Log the summary. Calling Azure DevOps back is not built yet (the DevOps issue); until
+    then the result says so instead of pretending."""
+    from notebookops.report import summary_table
+
+    _token(payload)  # registers the token for log redaction before anything is logged
+    summary = payload["summary"]
+    log.info(
+        "run %s finished: %s\n%s", summary["instanceId"], summary["result"], summary_table(summary)
+    )
+    if payload.get("devops"):
+        log.warning(
+            "run %s: the Azure DevOps callback is not implemented yet; the pipeline is not told",
+            summary["instanceId"],
+        )
+    return {"calledBack": False, "result": summary["result"]}

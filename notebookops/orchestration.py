@@ -1,0 +1,193 @@
+"""The notebook orchestrator: clone, fan out submits, monitor in rounds, fan in, report.
+
+It is deterministic: no I/O, no clock but `context.current_utc_datetime`, no environment.
+Every decision is a function in notebookops.policy; this module only sequences the
+activities and durable timers. History stays bounded: one ActivityMonitor call per round
+covers every pending run, and `continue_as_new` starts a fresh history every
+ROUNDS_PER_GENERATION rounds, carrying the run state in its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import azure.durable_functions as df
+
+from notebookops import policy
+
+ROUNDS_PER_GENERATION = 10
+# Transient activity errors (network, throttling) are retried by the host; permanent ones
+# come back as {"ok": false, "error": ...} values and are never retried.
+ACTIVITY_RETRY = df.RetryOptions(
+    first_retry_interval_in_milliseconds=5_000, max_number_of_attempts=3
+)
+
+Task = Any
+
+
+def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any, dict[str, Any]]:
+    payload = context.get_input() or {}
+    state = payload.get("state")
+    reported = False
+    try:
+        if state is None:
+            state = policy.new_state(
+                instance_id=context.instance_id,
+                request=payload.get("request") or {},
+                auth=payload.get("auth"),
+                started_at=context.current_utc_datetime,
+            )
+            if payload.get("errors"):
+                state["errors"] = list(payload["errors"])
+            else:
+                context.set_custom_status(policy.custom_status(state, "cloning"))
+                yield from _clone(context, state)
+        if not state["errors"]:
+            finished = yield from _run_rounds(context, state)
+            if not finished:
+                return None  # continued as new; the next generation goes on
+        reported = True
+        return (yield from _report(context, state))
+    except Exception as exc:  # an orchestrator bug or an activity out of retries
+        if state is None:
+            state = policy.new_state(
+                instance_id=context.instance_id,
+                request={},
+                auth=None,
+                started_at=context.current_utc_datetime,
+            )
+        state["errors"].append(f"orchestration failed: {_first_line(exc)}")
+        for notebook in state["notebooks"]:
+            if notebook["state"] not in policy.TERMINAL_STATES:
+                policy.finish(
+                    notebook,
+                    "canceled",
+                    context.current_utc_datetime,
+                    message="the orchestration stopped before this notebook finished",
+                )
+        if reported:
+            raise
+        return (yield from _report(context, state))
+
+
+def _clone(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
+    request = state["request"]
+    result = yield context.call_activity_with_retry(
+        "ActivityClone",
+        ACTIVITY_RETRY,
+        {
+            "instanceId": state["instanceId"],
+            "repository": request["repository"],
+            "patterns": [e if isinstance(e, str) else e["path"] for e in request["notebooks"]],
+            "devops": request.get("devops"),
+            "auth": state["auth"],
+        },
+    )
+    if not result.get("ok"):
+        state["errors"].append(result.get("error", "clone failed"))
+        return
+    policy.add_notebooks(state, result)
+
+
+def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
+    """Returns True when every notebook is finished, False after continue_as_new."""
+    for _ in range(ROUNDS_PER_GENERATION):
+        yield from _monitor(
+            context, state, policy.cancellations(state, context.current_utc_datetime)
+        )
+        # A failure seen in this round stops the rest now (failFast), not a round later.
+        late_stops = policy.cancellations(state, context.current_utc_datetime)
+        if late_stops:
+            yield from _monitor(context, state, late_stops, poll=False)
+        yield from _submit_ready(context, state)
+        context.set_custom_status(policy.custom_status(state, "running"))
+        if policy.all_done(state):
+            return True
+        state["round"] += 1
+        yield context.create_timer(policy.next_wake(state, context.current_utc_datetime))
+    context.continue_as_new({"state": state})
+    return False
+
+
+def _monitor(
+    context: df.DurableOrchestrationContext,
+    state: dict[str, Any],
+    stops: list[dict[str, Any]],
+    poll: bool = True,
+) -> Generator:
+    stopping = {s["path"] for s in stops}
+    runs = [
+        {"path": n["path"], "handle": n["handle"]}
+        for n in policy.active(state)
+        if poll and n["path"] not in stopping
+    ]
+    if not runs and not stops:
+        return
+    monitor = yield context.call_activity_with_retry(
+        "ActivityMonitor",
+        ACTIVITY_RETRY,
+        {
+            "instanceId": state["instanceId"],
+            "runs": runs,
+            "cancel": stops,
+        },
+    )
+    policy.apply_monitor(state, monitor["runs"], context.current_utc_datetime)
+
+
+def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
+    ready = policy.pending(state)[: policy.free_slots(state)]
+    if not ready:
+        return
+    request = state["request"]
+    tasks = []
+    for notebook in ready:
+        tasks.append(
+            context.call_activity_with_retry(
+                "ActivitySubmit",
+                ACTIVITY_RETRY,
+                {
+                    "instanceId": state["instanceId"],
+                    "path": notebook["path"],
+                    "repository": request["repository"]["url"],
+                    "commit": state["commit"],
+                    "checkout": state.get("checkout"),
+                    "parameters": policy.parameters_for(state, notebook),
+                    "timeoutSeconds": policy.notebook_timeout_seconds(state, notebook),
+                    "compute": request.get("compute", {}),
+                    "devops": request.get("devops"),
+                    "auth": state["auth"],
+                },
+            )
+        )
+    results = yield context.task_all(tasks)
+    now = context.current_utc_datetime
+    for notebook, result in zip(ready, results, strict=True):
+        if result.get("pollPolicy") and not state.get("pollPolicy"):
+            state["pollPolicy"] = result["pollPolicy"]
+        policy.mark_submitted(
+            notebook, result, now, policy.notebook_timeout_seconds(state, notebook)
+        )
+    context.set_custom_status(policy.custom_status(state, "running"))
+
+
+def _report(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
+    summary = policy.summary(state, context.current_utc_datetime)
+    context.set_custom_status(policy.custom_status(state, "reporting"))
+    yield context.call_activity_with_retry(
+        "ActivityReport",
+        ACTIVITY_RETRY,
+        {
+            "summary": summary,
+            "devops": state["request"].get("devops"),
+            "auth": state["auth"],
+        },
+    )
+    context.set_custom_status(policy.custom_status(state, "finished"))
+    return summary
+
+
+def _first_line(exc: BaseException) -> str:
+    # Activity failures arrive as "Activity function 'X' failed: Type: msg \n {details}".
+    return str(exc).strip().split("\n")[0].strip()

@@ -1,0 +1,306 @@
+"""The orchestrator's decisions as pure functions over a JSON-able run state.
+
+Nothing here reads a clock, the environment or a file: times are passed in (the
+orchestrator's `current_utc_datetime`), so the same history always gives the same
+decisions on replay, and each rule can be tested on its own.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from notebookops.compute.base import TERMINAL_STATES
+
+PENDING = "pending"  # not submitted yet (waiting for a maxParallel slot)
+ACTIVE_STATES = frozenset({"queued", "running"})
+FAILURE_STATES = frozenset({"failed", "timedOut"})
+RESULTS = ("succeeded", "succeededWithIssues", "failed", "canceled")
+
+# Poll spacing when a backend reports none (first round, factor, cap), in seconds.
+DEFAULT_POLL = {"firstIntervalSeconds": 5.0, "factor": 1.5, "maxIntervalSeconds": 60.0}
+
+
+def iso(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def new_state(
+    *, instance_id: str, request: dict[str, Any], auth: str | None, started_at: datetime
+) -> dict[str, Any]:
+    deadline = started_at + timedelta(minutes=float(request.get("timeoutMinutes", 60)))
+    return {
+        "instanceId": instance_id,
+        "request": request,
+        "auth": auth,
+        "startedAt": iso(started_at),
+        "deadline": iso(deadline),
+        "commit": None,
+        "checkout": None,
+        "pollPolicy": None,
+        "round": 0,
+        "canceledByPipeline": False,
+        "errors": [],
+        "notebooks": [],
+    }
+
+
+def add_notebooks(state: dict[str, Any], clone: dict[str, Any]) -> None:
+    """Record the clone's commit and one entry per resolved notebook, in path order."""
+    entries = state["request"]["notebooks"]
+    state["commit"] = clone["commit"]
+    state["checkout"] = clone.get("checkout")
+    for item in clone["notebooks"]:
+        entry = entries[item["entryIndex"]]
+        entry = {"path": entry} if isinstance(entry, str) else entry
+        state["notebooks"].append(
+            {
+                "path": item["path"],
+                "entryIndex": item["entryIndex"],
+                "allowFailure": bool(entry.get("allowFailure", False)),
+                "timeoutMinutes": entry.get("timeoutMinutes"),
+                "state": PENDING,
+                "runId": None,
+                "portalUrl": None,
+                "handle": None,
+                "submittedAt": None,
+                "deadline": None,
+                "durationSeconds": None,
+                "error": None,
+                "message": None,
+                "outputNotebook": None,
+            }
+        )
+
+
+def parameters_for(state: dict[str, Any], notebook: dict[str, Any]) -> dict[str, Any]:
+    """Global parameters overlaid by the notebook entry's own."""
+    entry = state["request"]["notebooks"][notebook["entryIndex"]]
+    own = entry.get("parameters", {}) if isinstance(entry, dict) else {}
+    return {**state["request"].get("parameters", {}), **own}
+
+
+def notebook_timeout_seconds(state: dict[str, Any], notebook: dict[str, Any]) -> float:
+    minutes = notebook.get("timeoutMinutes") or state["request"].get("timeoutMinutes", 60)
+    return float(minutes) * 60.0
+
+
+def active(state: dict[str, Any]) -> list[dict[str, Any]]:
+    return [n for n in state["notebooks"] if n["state"] in ACTIVE_STATES]
+
+
+def pending(state: dict[str, Any]) -> list[dict[str, Any]]:
+    return [n for n in state["notebooks"] if n["state"] == PENDING]
+
+
+def all_done(state: dict[str, Any]) -> bool:
+    return all(n["state"] in TERMINAL_STATES for n in state["notebooks"])
+
+
+def free_slots(state: dict[str, Any]) -> int:
+    return max(0, int(state["request"].get("maxParallel", 20)) - len(active(state)))
+
+
+def mark_submitted(
+    notebook: dict[str, Any], result: dict[str, Any], now: datetime, timeout_seconds: float
+) -> None:
+    if not result.get("ok"):
+        finish(
+            notebook,
+            "failed",
+            now,
+            message=result.get("error", "submit failed"),
+            ename="SubmitFailed",
+        )
+        return
+    handle = result["handle"]
+    notebook.update(
+        state="queued",
+        handle=handle,
+        runId=handle.get("runId"),
+        portalUrl=handle.get("portalUrl"),
+        submittedAt=iso(now),
+        deadline=iso(now + timedelta(seconds=timeout_seconds)),
+    )
+
+
+def finish(
+    notebook: dict[str, Any],
+    state: str,
+    now: datetime,
+    *,
+    message: str | None = None,
+    ename: str | None = None,
+) -> None:
+    notebook["state"] = state
+    if message:
+        notebook["message"] = message
+        if notebook.get("error") is None and ename:
+            notebook["error"] = {
+                "cellIndex": None,
+                "ename": ename,
+                "evalue": message,
+                "traceback": "",
+            }
+    if notebook.get("durationSeconds") is None and notebook.get("submittedAt"):
+        notebook["durationSeconds"] = round(
+            (now - parse(notebook["submittedAt"])).total_seconds(), 3
+        )
+
+
+def cancellations(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
+    """Runs to stop now, each with the state it ends in: deadlines first, then failFast.
+
+    Notebooks never submitted end at once (they have no run to cancel)."""
+    run_deadline = parse(state["deadline"])
+    stops: list[dict[str, Any]] = []
+    fail_fast = bool(state["request"].get("failFast")) and any(
+        n["state"] in FAILURE_STATES and not n["allowFailure"] for n in state["notebooks"]
+    )
+    for notebook in state["notebooks"]:
+        if notebook["state"] in TERMINAL_STATES:
+            continue
+        if now >= run_deadline:
+            reason, why = "timedOut", "the run's timeoutMinutes was reached"
+        elif notebook["state"] in ACTIVE_STATES and now >= parse(notebook["deadline"]):
+            reason, why = "timedOut", "the notebook's timeoutMinutes was reached"
+        elif fail_fast:
+            reason, why = "canceled", "canceled by failFast after another notebook failed"
+        else:
+            continue
+        if notebook["state"] == PENDING:
+            finish(notebook, "canceled", now, message=f"not started: {why}")
+            continue
+        stops.append(
+            {
+                "path": notebook["path"],
+                "handle": notebook["handle"],
+                "state": reason,
+                "message": why,
+            }
+        )
+    return stops
+
+
+def apply_monitor(state: dict[str, Any], results: list[dict[str, Any]], now: datetime) -> None:
+    by_path = {n["path"]: n for n in state["notebooks"]}
+    for result in results:
+        notebook = by_path.get(result["path"])
+        if notebook is None or notebook["state"] in TERMINAL_STATES:
+            continue
+        new_state = result.get("state") or notebook["state"]
+        if result.get("durationSeconds") is not None:
+            notebook["durationSeconds"] = result["durationSeconds"]
+        if result.get("error"):
+            notebook["error"] = result["error"]
+        if result.get("outputNotebook"):
+            notebook["outputNotebook"] = result["outputNotebook"]
+        if new_state in TERMINAL_STATES:
+            finish(
+                notebook,
+                new_state,
+                now,
+                message=result.get("message"),
+                ename="RunFailed" if new_state == "failed" else None,
+            )
+        else:
+            notebook["state"] = new_state
+            if result.get("message"):
+                notebook["message"] = result["message"]
+
+
+def next_wake(state: dict[str, Any], now: datetime) -> datetime:
+    """Back off between rounds, but never sleep past the nearest deadline."""
+    policy = state.get("pollPolicy") or DEFAULT_POLL
+    interval = float(policy["firstIntervalSeconds"]) * float(policy["factor"]) ** state["round"]
+    interval = min(interval, float(policy["maxIntervalSeconds"]))
+    wake = now + timedelta(seconds=interval)
+    deadlines = [parse(state["deadline"])] + [
+        parse(n["deadline"]) for n in active(state) if n.get("deadline")
+    ]
+    nearest = min(deadlines)
+    if nearest > now:
+        wake = min(wake, nearest)
+    return wake
+
+
+def counts(state: dict[str, Any]) -> dict[str, int]:
+    tally = {
+        "total": len(state["notebooks"]),
+        "succeeded": 0,
+        "failed": 0,
+        "timedOut": 0,
+        "canceled": 0,
+        "running": 0,
+        "queued": 0,
+        "pending": 0,
+    }
+    for notebook in state["notebooks"]:
+        tally[notebook["state"]] = tally.get(notebook["state"], 0) + 1
+    return tally
+
+
+def result_of(state: dict[str, Any]) -> str:
+    if state["errors"] or not state["notebooks"]:
+        return "failed"
+    if state.get("canceledByPipeline"):
+        return "canceled"
+    blocking = [
+        n
+        for n in state["notebooks"]
+        if n["state"] in FAILURE_STATES | {"canceled"} and not n["allowFailure"]
+    ]
+    if blocking:
+        return "failed"
+    if any(n["state"] != "succeeded" for n in state["notebooks"]):
+        return "succeededWithIssues"
+    return "succeeded"
+
+
+def custom_status(state: dict[str, Any], phase: str) -> dict[str, Any]:
+    """What people see while the run goes: no token, no parameters, no handles."""
+    return {
+        "phase": phase,
+        "commit": state.get("commit"),
+        "counts": counts(state),
+        "notebooks": [
+            {"path": n["path"], "state": n["state"], "portalUrl": n["portalUrl"]}
+            for n in state["notebooks"]
+        ],
+        "errors": state["errors"],
+    }
+
+
+def summary(state: dict[str, Any], finished_at: datetime) -> dict[str, Any]:
+    """The orchestration output and summary.json, in the design.md contract."""
+    return {
+        "instanceId": state["instanceId"],
+        "result": result_of(state),
+        "commit": state.get("commit"),
+        "startedAt": state["startedAt"],
+        "finishedAt": iso(finished_at),
+        "counts": {
+            k: v
+            for k, v in counts(state).items()
+            if k in ("total", "succeeded", "failed", "timedOut", "canceled")
+        },
+        "errors": state["errors"],
+        "notebooks": [
+            {
+                "path": n["path"],
+                "state": n["state"],
+                "allowFailure": n["allowFailure"],
+                "runId": n["runId"],
+                "portalUrl": n["portalUrl"],
+                "durationSeconds": n["durationSeconds"],
+                "error": n["error"],
+                "message": n["message"],
+                "outputNotebook": n["outputNotebook"],
+            }
+            for n in state["notebooks"]
+        ],
+    }
