@@ -79,7 +79,85 @@ def add_validate_command(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_validate)
 
 
-COMMANDS: list[CommandAdder] = [add_validate_command]
+def _run(args: argparse.Namespace) -> int:
+    from notebookops.local_run import quiet_logs, run
+    from notebookops.redact import install_log_redaction
+
+    install_log_redaction()
+    quiet_logs(args.verbose)
+    properties = read_properties(args.properties)
+    if not Path(args.body).is_file():
+        raise UsageError(f"cannot read message body {args.body}: no such file")
+    return run(args.body, properties, args.out, args.state, args.workers, quiet=args.quiet)
+
+
+def add_run_command(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the whole flow on this machine (devhost + local backend)",
+        description="Deliver the message to the app through devhost, show progress, and write "
+        "DIR/summary.json, DIR/junit.xml and DIR/notebooks/. Exit 0 when the result is "
+        "succeeded or succeededWithIssues, 1 when failed or canceled, 2 for an invalid request.",
+    )
+    parser.add_argument("body", metavar="BODY.json", help="message body as the queue delivers it")
+    parser.add_argument(
+        "--properties",
+        metavar="PROPS.json",
+        help="JSON object of Service Bus application properties",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default="out", help="where results go (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--state",
+        metavar="DIR",
+        help="keep devhost state and local runs here (default: a temp folder, "
+        "removed afterwards); reuse it to resume an interrupted run",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="notebooks run at once on the local backend (default: CPU count)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show host and app logs")
+    parser.set_defaults(handler=_run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from notebookops.local_run import serve
+    from notebookops.redact import install_log_redaction
+
+    install_log_redaction()
+    return serve(args)
+
+
+def add_serve_command(subparsers: Subparsers) -> None:
+    from devhost.__main__ import add_serve_arguments
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="host the function app over HTTP with devhost (Functions host conventions)",
+        description='POST /admin/functions/ServiceBusStarter with {"input": BODY, '
+        '"applicationProperties": {...}} fires the queue trigger; the durable API is under '
+        "/runtime/webhooks/durabletask/ and HTTP functions under /api/.",
+    )
+    add_serve_arguments(parser, default_app=None)
+    parser.set_defaults(handler=_serve)
+
+
+COMMANDS: list[CommandAdder] = [add_validate_command, add_run_command, add_serve_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
