@@ -168,7 +168,8 @@ json_values = st.recursive(
 @settings(max_examples=80, deadline=None)
 @given(text=st.text(max_size=400), utf16=st.booleans(), end=st.sampled_from(["bit", "byte", ""]))
 def test_any_text_round_trips_through_intact_binary_xml(text, utf16, end):
-    assert decode_body(_writer(text, utf16, end)) == text.encode("utf-8")
+    # A leading byte-order mark is dropped, as it is from plain bodies: JSON parsers refuse it.
+    assert decode_body(_writer(text, utf16, end)) == text.removeprefix("\ufeff").encode("utf-8")
 
 
 @settings(max_examples=80, deadline=None)
