@@ -1,0 +1,283 @@
+"""What the `azureml` (v2) and `azureml-v1` backends share: workspace settings, staging of the
+source folder, status normalisation and error wording. Imports no Azure SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from notebookops import redact
+from notebookops.compute.base import (
+    CANCELED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    PermanentBackendError,
+    PollPolicy,
+    RunSpec,
+)
+
+SUBSCRIPTION_SETTING = "AZUREML_SUBSCRIPTION_ID"
+RESOURCE_GROUP_SETTING = "AZUREML_RESOURCE_GROUP"
+WORKSPACE_SETTING = "AZUREML_WORKSPACE"
+COMPUTE_SETTING = "AZUREML_COMPUTE"
+ENVIRONMENT_SETTING = "AZUREML_ENVIRONMENT"
+WORK_DIR_SETTING = "NOTEBOOKOPS_AZUREML_WORK_DIR"
+
+# Jobs take minutes to get a node and each status read is an ARM call (throttled per
+# subscription), so poll gently.
+AZUREML_POLL_POLICY = PollPolicy(first_interval_seconds=15, factor=1.5, max_interval_seconds=120)
+
+ROLE_HINT = (
+    "grant the app's identity (its managed identity, or the service principal in "
+    "AZURE_CLIENT_ID) the 'AzureML Data Scientist' role on the workspace"
+)
+
+# The two SDKs report the same service states (reference §8.3). NotResponding and Paused stay
+# non-terminal although azure-ai-ml calls them terminal: the service may resume such runs, and
+# the orchestrator's deadline bounds the wait.
+_STATES = {
+    "NotStarted": QUEUED,
+    "Starting": QUEUED,
+    "Provisioning": QUEUED,
+    "Preparing": QUEUED,
+    "Queued": QUEUED,
+    "Unapproved": QUEUED,
+    "Running": RUNNING,
+    "Finalizing": RUNNING,
+    "CancelRequested": RUNNING,
+    "NotResponding": RUNNING,
+    "Pausing": RUNNING,
+    "Paused": RUNNING,
+    "Completed": SUCCEEDED,
+    "Failed": FAILED,
+    "Canceled": CANCELED,
+}
+_MESSAGES = {
+    "Provisioning": "Azure ML is provisioning compute nodes",
+    "Preparing": "Azure ML is preparing the environment image",
+    "Queued": "waiting for a node on the compute target",
+    "Unapproved": "waiting for approval in the workspace",
+    "Finalizing": "the notebook finished; Azure ML is uploading outputs",
+    "CancelRequested": "cancel requested; waiting for Azure ML to stop the run",
+    "NotResponding": "the run stopped sending heartbeats (Azure ML status NotResponding)",
+    "Pausing": "Azure ML is pausing the run",
+    "Paused": "the run is paused in Azure ML",
+}
+
+
+def raw_status(value: Any) -> str:
+    """The service's status word; azure-ai-ml hands out `JobStatus` enum members for it."""
+    value = getattr(value, "value", value)
+    return str(value) if value else "Unknown"
+
+
+def normalise_status(raw: Any) -> tuple[str, str | None]:
+    """(contract state, message for people) for an Azure ML status string.
+
+    Unknown strings (v2 `Unknown` included) count as running, as v1's own wait loop does: a
+    run must never be reported finished on a word we do not understand.
+    """
+    raw = raw_status(raw)
+    state = _STATES.get(raw)
+    if state is None:
+        return RUNNING, f"Azure ML reports status {raw!r}; treated as still running"
+    return state, _MESSAGES.get(raw)
+
+
+@dataclass(frozen=True)
+class WorkspaceRef:
+    subscription_id: str
+    resource_group: str
+    name: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "subscriptionId": self.subscription_id,
+            "resourceGroup": self.resource_group,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> WorkspaceRef:
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), str) and data.get(k)
+            for k in ("subscriptionId", "resourceGroup", "name")
+        ):
+            raise PermanentBackendError(f"run handle has no valid workspace: {data!r}")
+        return cls(data["subscriptionId"], data["resourceGroup"], data["name"])
+
+    def __str__(self) -> str:
+        return f"{self.subscription_id}/{self.resource_group}/{self.name}"
+
+
+def workspace_for(compute: dict[str, Any]) -> WorkspaceRef:
+    """`compute.workspace` when given, else the app settings; each missing value named."""
+    given = compute.get("workspace")
+    if given is not None:
+        if not isinstance(given, dict):
+            raise PermanentBackendError(
+                f"compute.workspace must be an object with subscriptionId, resourceGroup and "
+                f"name, got {given!r}"
+            )
+        missing = [
+            f"compute.workspace.{k}"
+            for k in ("subscriptionId", "resourceGroup", "name")
+            if not isinstance(given.get(k), str) or not given.get(k).strip()
+        ]
+        if missing:
+            raise PermanentBackendError(f"{', '.join(missing)} must be set, got {given!r}")
+        return WorkspaceRef(
+            given["subscriptionId"].strip(), given["resourceGroup"].strip(), given["name"].strip()
+        )
+    values = {
+        s: os.environ.get(s, "").strip()
+        for s in (SUBSCRIPTION_SETTING, RESOURCE_GROUP_SETTING, WORKSPACE_SETTING)
+    }
+    missing = [s for s, v in values.items() if not v]
+    if missing:
+        raise PermanentBackendError(
+            f"no Azure ML workspace: set the app setting(s) {', '.join(missing)} "
+            "or give compute.workspace {subscriptionId, resourceGroup, name} in the message"
+        )
+    return WorkspaceRef(*values.values())
+
+
+def setting_or_compute(compute: dict[str, Any], key: str, setting: str, backend: str) -> str:
+    value = compute.get(key)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if value is not None and not isinstance(value, str):
+        raise PermanentBackendError(f"compute.{key} must be a string, got {value!r}")
+    fallback = os.environ.get(setting, "").strip()
+    if fallback:
+        return fallback
+    raise PermanentBackendError(
+        f"compute.{key} is required for backend {backend!r} (or set the app setting {setting})"
+    )
+
+
+def work_dir(explicit: Path | str | None) -> Path:
+    """Where submits stage code copies and status/fetch keep downloaded notebooks."""
+    base = explicit or os.environ.get(WORK_DIR_SETTING, "").strip()
+    return Path(base or Path(tempfile.gettempdir()) / "notebookops-azureml").resolve()
+
+
+def job_timeout_seconds(spec: RunSpec) -> int | None:
+    if spec.timeout_seconds is None:
+        return None
+    if not spec.timeout_seconds > 0:
+        raise PermanentBackendError(
+            f"timeout_seconds must be positive, got {spec.timeout_seconds!r}"
+        )
+    return max(1, math.ceil(spec.timeout_seconds))
+
+
+def check_parameters(spec: RunSpec) -> None:
+    try:
+        json.dumps(spec.parameters, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PermanentBackendError(f"parameters must be JSON values: {exc}") from None
+
+
+def stage_source(spec: RunSpec, dest: Path) -> str:
+    """Copy the folder Azure ML uploads (the checkout, or `compute.sourceDirectory` in it)
+    without `.git` to `dest`; returns the notebook's POSIX path inside that folder.
+
+    The copy is what the SDKs upload and what azureml-contrib-notebook writes into, so the
+    shared read-only checkout is never touched.
+    """
+    checkout = Path(spec.checkout)
+    if not checkout.is_absolute() or not checkout.is_dir():
+        raise PermanentBackendError(
+            f"checkout must be an existing absolute folder, got {spec.checkout!r}"
+        )
+    source_dir = spec.compute.get("sourceDirectory") or "."
+    notebook = PurePosixPath(spec.notebook)
+    for name, value in (
+        ("notebook", notebook),
+        ("compute.sourceDirectory", PurePosixPath(source_dir)),
+    ):
+        if value.is_absolute() or ".." in value.parts:
+            raise PermanentBackendError(
+                f"{name} must be a path inside the checkout, got {str(value)!r}"
+            )
+    try:
+        inner = notebook.relative_to(PurePosixPath(source_dir))
+    except ValueError:
+        raise PermanentBackendError(
+            f"notebook {spec.notebook!r} is not inside compute.sourceDirectory {source_dir!r}"
+        ) from None
+    source_root = checkout / source_dir
+    if not (source_root / inner).is_file():
+        raise PermanentBackendError(
+            f"notebook {spec.notebook!r} does not exist in the checkout at commit {spec.commit!r}"
+        )
+    if dest.exists():  # left by a submit that died half-way
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source_root, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    # A read-only checkout gives a read-only copy, which the v1 runner config must write into.
+    for folder, dirs, names in os.walk(dest):
+        for name in [*dirs, *names]:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode) and not mode & stat.S_IWUSR:
+                os.chmod(path, mode | stat.S_IWUSR)
+    return inner.as_posix()
+
+
+def one_line(text: Any, limit: int = 600) -> str:
+    """A service message fit for a pipeline log: one line, bounded, known secrets masked."""
+    flat = re.sub(r"\s+", " ", str(text)).strip()
+    if len(flat) > limit:
+        flat = flat[: limit - 3] + "..."
+    return redact.redact_known(flat)
+
+
+_TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504, 530})
+_CODE_IN_TEXT = re.compile(r"\b(?:status code|statuscode|http)\D{0,3}([1-5]\d\d)\b", re.I)
+
+
+def transient_status(code: int | None) -> bool:
+    return code is not None and code in _TRANSIENT_CODES
+
+
+def status_code_from_text(text: str) -> int | None:
+    """v1 folds the HTTP status into the exception text (reference §6.1)."""
+    match = _CODE_IN_TEXT.search(text)
+    return int(match.group(1)) if match else None
+
+
+def permanent_hint(code: int | None, text: str, *, workspace: WorkspaceRef, what: str) -> str:
+    """A message for a refused request that says what to change."""
+    lowered = text.lower()
+    if code in (401, 403) or "authoriz" in lowered or "authenticat" in lowered:
+        fix = ROLE_HINT
+    elif "quota" in lowered:
+        fix = "raise the compute quota of the subscription or pick another compute.target"
+    elif code == 404 or "not found" in lowered or "does not exist" in lowered:
+        fix = (
+            f"check compute.target, compute.environment and the workspace ({workspace}; "
+            f"app settings {SUBSCRIPTION_SETTING}, {RESOURCE_GROUP_SETTING}, {WORKSPACE_SETTING} "
+            "or compute.workspace)"
+        )
+    else:
+        fix = "check compute.target, compute.environment and compute.experiment in the message"
+    status = f"HTTP {code}: " if code else ""
+    return f"Azure ML refused to {what} in workspace {workspace} ({status}{one_line(text)}); {fix}"
+
+
+def exists_error(text: str) -> bool:
+    """The service's words for a duplicate job name / run id (reference §6.3)."""
+    return "already exists" in text.lower()
