@@ -1,0 +1,525 @@
+"""A fake Azure DevOps server on 127.0.0.1 for tests: real HTTP, the documented REST protocol.
+
+Azure DevOps cannot be reached from tests, so this server speaks what
+/work/shared/reference/devops-protocol.md §2-§5 documents for the plan (events, feed, logs,
+timeline records) and what the REST reference documents for test runs, results and result
+attachments. It checks what the real service checks where documented (Basic auth with the job
+token, api-version present, media types, exact event names, the plan's ids) and records every
+request so tests can assert URLs, queries, headers and bodies.
+
+Failures are programmable: ``fail_next`` (status codes for the next matching requests),
+``no_longer_waiting`` (every plan call answers a 4xx, as after a cancelled or timed-out run),
+``slow`` (delay answers to provoke client timeouts) and ``set_task_record`` (the task record's
+state/result as the pipeline sets them when it cancels or times out the task).
+
+    with FakeDevOps(token="t0ken") as devops:
+        client = DevOpsClient.from_callback(devops.callback(), sleep=lambda s: None)
+        client.task_completed("succeeded")
+        assert devops.task_completed_events()[0]["result"] == "succeeded"
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from notebookops.request import Callback
+
+__all__ = ["FakeDevOps", "Recorded"]
+
+_PLAN = re.compile(
+    r"^/(?P<project>[^/]+)/_apis/distributedtask/hubs/(?P<hub>[^/]+)/plans/(?P<plan>[^/]+)(?P<rest>/.*)$",
+    re.IGNORECASE,
+)
+DEFAULT_TOKEN = "fake-devops-job-token"
+_TEST = re.compile(r"^/(?P<project>[^/]+)/_apis/test(?P<rest>/.*)$", re.IGNORECASE)
+
+
+@dataclass
+class Recorded:
+    """One request as the server received it, and what it answered."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+    status: int = 0
+
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8"))
+
+    def header(self, name: str) -> str | None:
+        lowered = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == lowered), None)
+
+
+@dataclass
+class _Rule:
+    path_substring: str
+    method: str | None
+    statuses: list[int] = field(default_factory=list)
+    delay: float = 0.0
+    times: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.path_substring.lower() in path.lower() and (
+            self.method is None or self.method.upper() == method
+        )
+
+
+class FakeDevOps:
+    """The fake server; start it with ``with``. ``url`` is the collection URI (trailing /)."""
+
+    def __init__(
+        self,
+        *,
+        token: str = DEFAULT_TOKEN,
+        project_id: str | None = None,
+        hub_name: str = "build",
+        plan_id: str | None = None,
+        job_id: str | None = None,
+        timeline_id: str | None = None,
+        task_instance_id: str | None = None,
+        organization: str = "fabrikam",
+    ) -> None:
+        self.token = token
+        self.organization = organization
+        self.project_id = project_id or str(uuid.uuid4())
+        self.hub_name = hub_name
+        self.plan_id = plan_id or str(uuid.uuid4())
+        self.job_id = job_id or str(uuid.uuid4())
+        self.timeline_id = timeline_id or str(uuid.uuid4())
+        self.task_instance_id = task_instance_id or str(uuid.uuid4())
+        self.requests: list[Recorded] = []
+        self.events: list[dict[str, Any]] = []
+        self.feed: list[dict[str, Any]] = []
+        self.logs: dict[int, dict[str, Any]] = {}
+        self.records: dict[str, dict[str, Any]] = {
+            self.job_id: {"id": self.job_id, "type": "Job", "state": "inProgress", "result": None},
+            self.task_instance_id: {
+                "id": self.task_instance_id,
+                "parentId": self.job_id,
+                "type": "Task",
+                "name": "Run notebooks",
+                "state": "inProgress",
+                "result": None,
+                "log": None,
+            },
+        }
+        self.runs: dict[int, dict[str, Any]] = {}
+        self._rules: list[_Rule] = []
+        self._not_waiting: int | None = None
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._next_log = 1
+        self._next_run = 1000
+        self._next_result = 100000
+        self._next_attachment = 1
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> FakeDevOps:
+        fake = self
+
+        class Handler(_Handler):
+            server_fake = fake
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start the fake with 'with FakeDevOps() as devops'"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/{self.organization}/"
+
+    def callback(self, *, build_id: str | None = "4242", plan_url: str | None = None) -> Callback:
+        """Callback values pointing at this server, as the starter would read them."""
+        return Callback(
+            plan_url=plan_url or self.url,
+            project_id=self.project_id,
+            hub_name=self.hub_name,
+            plan_id=self.plan_id,
+            job_id=self.job_id,
+            timeline_id=self.timeline_id,
+            task_instance_id=self.task_instance_id,
+            auth_token=self.token,
+            task_instance_name="Run notebooks",
+            build_id=build_id,
+        )
+
+    def properties(self) -> dict[str, str]:
+        """The Service Bus application properties a pipeline would send for this plan."""
+        return {
+            "PlanUrl": self.url,
+            "ProjectId": self.project_id,
+            "HubName": self.hub_name,
+            "PlanId": self.plan_id,
+            "JobId": self.job_id,
+            "TimelineId": self.timeline_id,
+            "TaskInstanceName": "Run notebooks",
+            "TaskInstanceId": self.task_instance_id,
+            "AuthToken": self.token,
+        }
+
+    # -- programmable behaviour ------------------------------------------------------------------
+
+    def fail_next(
+        self, path_substring: str, statuses: Iterable[int] = (500,), *, method: str | None = None
+    ) -> None:
+        """Answer the next matching requests with these statuses, one per request, in order."""
+        with self._lock:
+            self._rules.append(_Rule(path_substring, method, statuses=list(statuses)))
+
+    def slow(
+        self, path_substring: str, seconds: float, *, times: int = 1, method: str | None = None
+    ) -> None:
+        """Hold the next ``times`` matching requests for ``seconds`` before handling them."""
+        with self._lock:
+            self._rules.append(_Rule(path_substring, method, delay=seconds, times=times))
+
+    def no_longer_waiting(self, status: int = 404) -> None:
+        """Every plan call answers ``status`` from now on, as for a task nobody waits for."""
+        with self._lock:
+            self._not_waiting = status
+
+    def set_task_record(self, *, state: str, result: str | None = None) -> None:
+        """Set the task's timeline record as the pipeline does when it cancels or times out."""
+        with self._lock:
+            self.records[self.task_instance_id].update(state=state, result=result)
+
+    # -- what happened ---------------------------------------------------------------------------
+
+    def requests_to(self, path_substring: str, method: str | None = None) -> list[Recorded]:
+        with self._lock:
+            return [
+                r
+                for r in self.requests
+                if path_substring.lower() in r.path.lower()
+                and (method is None or r.method == method.upper())
+            ]
+
+    def task_completed_events(self) -> list[dict[str, Any]]:
+        """TaskCompleted events the server accepted (failed attempts are not in here)."""
+        with self._lock:
+            return [e for e in self.events if e.get("name") == "TaskCompleted"]
+
+    def task_started_events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e.get("name") == "TaskStarted"]
+
+    def feed_lines(self) -> list[str]:
+        with self._lock:
+            return [line for post in self.feed for line in post["value"]]
+
+    def log_text(self, log_id: int | None = None) -> str:
+        """The text of a log (the one attached to the task when no id is given)."""
+        with self._lock:
+            if log_id is None:
+                attached = self.records[self.task_instance_id].get("log") or {}
+                log_id = attached.get("id")
+            if log_id is None:
+                return ""
+            return self.logs[log_id]["text"]
+
+    def task_record(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.records[self.task_instance_id])
+
+    def test_runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [json.loads(json.dumps(run)) for run in self.runs.values()]
+
+    # -- request handling (server threads) -------------------------------------------------------
+
+    def _take_rule(self, method: str, path: str) -> tuple[int | None, float]:
+        with self._lock:
+            for rule in self._rules:
+                if not rule.matches(method, path):
+                    continue
+                if rule.statuses:
+                    status = rule.statuses.pop(0)
+                    if not rule.statuses:
+                        self._rules.remove(rule)
+                    return status, 0.0
+                if rule.times > 0:
+                    rule.times -= 1
+                    if rule.times == 0:
+                        self._rules.remove(rule)
+                    return None, rule.delay
+        return None, 0.0
+
+    def _handle(self, record: Recorded) -> tuple[int, Any, str]:
+        status, delay = self._take_rule(record.method, record.path)
+        if delay:
+            self._stopping.wait(delay)
+        if status is not None:
+            return status, {"message": f"injected failure {status}"}, "application/json"
+        expected = "Basic " + base64.b64encode(b":" + self.token.encode()).decode()
+        if record.header("Authorization") != expected:
+            # The real service answers an HTML sign-in page or 401 and never echoes credentials.
+            return 401, {"message": "TF400813: The user is not authorized."}, "application/json"
+        if not record.query.get("api-version"):
+            return 400, {"message": "VSS0003: api-version is required."}, "application/json"
+        prefix = f"/{self.organization}/".lower()
+        if not record.path.lower().startswith(prefix):
+            return 404, {"message": "organization not found"}, "application/json"
+        path = record.path[len(prefix) - 1 :]
+        if (match := _PLAN.match(path)) is not None:
+            return self._plan(record, match)
+        if (match := _TEST.match(path)) is not None:
+            return self._test(record, match)
+        return 404, {"message": f"no route {record.method} {record.path}"}, "application/json"
+
+    def _plan(self, record: Recorded, match: re.Match[str]) -> tuple[int, Any, str]:
+        if (
+            match["project"].lower() != self.project_id.lower()
+            or match["hub"] != self.hub_name
+            or match["plan"].lower() != self.plan_id.lower()
+        ):
+            return 404, {"message": "TaskOrchestrationPlanNotFoundException"}, "application/json"
+        with self._lock:
+            if self._not_waiting is not None:
+                return (
+                    self._not_waiting,
+                    {"message": "the task is no longer waiting"},
+                    "application/json",
+                )
+        rest, method = match["rest"], record.method
+        timeline = f"/timelines/{self.timeline_id}".lower()
+        if method == "POST" and rest == "/events":
+            return self._event(record)
+        if method == "POST" and rest.lower() == f"{timeline}/records/{self.job_id}/feed".lower():
+            body = self._json_body(record)
+            if not isinstance(body, dict) or not isinstance(body.get("value"), list):
+                return (
+                    400,
+                    {"message": "expected TimelineRecordFeedLinesWrapper"},
+                    "application/json",
+                )
+            if body.get("count") != len(body["value"]):
+                return 400, {"message": "count does not match value"}, "application/json"
+            with self._lock:
+                self.feed.append(body)
+            return 204, None, ""
+        if method == "POST" and rest == "/logs":
+            body = self._json_body(record)
+            if not isinstance(body, dict) or not body.get("path"):
+                return 400, {"message": "expected TaskLog with a path"}, "application/json"
+            with self._lock:
+                log_id = self._next_log
+                self._next_log += 1
+                self.logs[log_id] = {"id": log_id, "path": body["path"], "text": "", "lineCount": 0}
+                return 200, self._task_log(log_id), "application/json"
+        if method == "POST" and (log_match := re.fullmatch(r"/logs/(\d+)", rest)):
+            if not (record.header("Content-Type") or "").startswith("application/octet-stream"):
+                return 415, {"message": "expected application/octet-stream"}, "application/json"
+            with self._lock:
+                entry = self.logs.get(int(log_match[1]))
+                if entry is None:
+                    return 404, {"message": "log not found"}, "application/json"
+                entry["text"] += record.body.decode("utf-8")
+                entry["lineCount"] = len(entry["text"].splitlines())
+                return 200, self._task_log(entry["id"]), "application/json"
+        if rest.lower() == f"{timeline}/records":
+            if method == "GET":
+                with self._lock:
+                    value = [dict(r) for r in self.records.values()]
+                return 200, {"count": len(value), "value": value}, "application/json"
+            if method == "PATCH":
+                return self._patch_records(record)
+        return 404, {"message": f"no route {method} {record.path}"}, "application/json"
+
+    def _event(self, record: Recorded) -> tuple[int, Any, str]:
+        body = self._json_body(record)
+        # Names are matched ordinally (case-sensitive) by the server's event converter (§2.1).
+        if not isinstance(body, dict) or body.get("name") not in ("TaskCompleted", "TaskStarted"):
+            return 400, {"message": "unknown event"}, "application/json"
+        if str(body.get("taskId", "")).lower() != self.task_instance_id.lower():
+            return 404, {"message": "TaskOrchestrationJobNotFoundException"}, "application/json"
+        if str(body.get("jobId", "")).lower() != self.job_id.lower():
+            return 404, {"message": "TaskOrchestrationJobNotFoundException"}, "application/json"
+        if body["name"] == "TaskCompleted" and body.get("result") not in (
+            "succeeded",
+            "succeededWithIssues",
+            "failed",
+            "canceled",
+            "skipped",
+            "abandoned",
+        ):
+            return 400, {"message": "invalid result"}, "application/json"
+        with self._lock:
+            self.events.append(body)
+            if body["name"] == "TaskCompleted":
+                self.records[self.task_instance_id].update(state="completed", result=body["result"])
+        return 204, None, ""
+
+    def _patch_records(self, record: Recorded) -> tuple[int, Any, str]:
+        body = self._json_body(record)
+        if not isinstance(body, dict) or not isinstance(body.get("value"), list):
+            return 400, {"message": "expected a wrapped TimelineRecord list"}, "application/json"
+        updated = []
+        with self._lock:
+            for item in body["value"]:
+                if not isinstance(item, dict) or not item.get("id"):
+                    return 400, {"message": "record without id"}, "application/json"
+                # §4: update if it exists, else create; null fields mean "leave unchanged".
+                target = self.records.setdefault(str(item["id"]), {"id": str(item["id"])})
+                target.update({k: v for k, v in item.items() if v is not None})
+                updated.append(dict(target))
+        return 200, {"count": len(updated), "value": updated}, "application/json"
+
+    def _test(self, record: Recorded, match: re.Match[str]) -> tuple[int, Any, str]:
+        if match["project"].lower() != self.project_id.lower():
+            return 404, {"message": "project not found"}, "application/json"
+        rest, method = match["rest"], record.method
+        body = self._json_body(record) if method in ("POST", "PATCH") else None
+        with self._lock:
+            if method == "POST" and rest.lower() == "/runs":
+                if not isinstance(body, dict) or not body.get("name"):
+                    return 400, {"message": "a test run needs a name"}, "application/json"
+                run_id = self._next_run
+                self._next_run += 1
+                self.runs[run_id] = {**body, "id": run_id, "results": []}
+                return 200, self._run_view(run_id), "application/json"
+            if (m := re.fullmatch(r"/runs/(\d+)", rest, re.IGNORECASE)) and method == "PATCH":
+                run = self.runs.get(int(m[1]))
+                if run is None:
+                    return 404, {"message": "test run not found"}, "application/json"
+                if not isinstance(body, dict):
+                    return 400, {"message": "expected a RunUpdateModel"}, "application/json"
+                run.update(body)
+                return 200, self._run_view(run["id"]), "application/json"
+            if (
+                m := re.fullmatch(r"/runs/(\d+)/results", rest, re.IGNORECASE)
+            ) and method == "POST":
+                run = self.runs.get(int(m[1]))
+                if run is None:
+                    return 404, {"message": "test run not found"}, "application/json"
+                if not isinstance(body, list):
+                    return 400, {"message": "expected a TestCaseResult list"}, "application/json"
+                added = []
+                for item in body:
+                    result_id = self._next_result
+                    self._next_result += 1
+                    run["results"].append({**item, "id": result_id, "attachments": []})
+                    added.append({"id": result_id, "testCaseTitle": item.get("testCaseTitle")})
+                return 200, {"count": len(added), "value": added}, "application/json"
+            if (
+                m := re.fullmatch(r"/runs/(\d+)/results/(\d+)/attachments", rest, re.IGNORECASE)
+            ) and method == "POST":
+                run = self.runs.get(int(m[1]))
+                result = next(
+                    (r for r in (run or {}).get("results", []) if r["id"] == int(m[2])), None
+                )
+                if result is None:
+                    return 404, {"message": "test result not found"}, "application/json"
+                if not isinstance(body, dict) or not body.get("stream") or not body.get("fileName"):
+                    return (
+                        400,
+                        {"message": "an attachment needs stream and fileName"},
+                        "application/json",
+                    )
+                attachment_id = self._next_attachment
+                self._next_attachment += 1
+                result["attachments"].append(
+                    {
+                        "id": attachment_id,
+                        "fileName": body["fileName"],
+                        "attachmentType": body.get("attachmentType"),
+                        "comment": body.get("comment"),
+                        "content": base64.b64decode(body["stream"]).decode("utf-8", "replace"),
+                    }
+                )
+                return (
+                    200,
+                    {"id": attachment_id, "url": f"{self.url}attachments/{attachment_id}"},
+                    "application/json",
+                )
+        return 404, {"message": f"no route {method} {record.path}"}, "application/json"
+
+    def _run_view(self, run_id: int) -> dict[str, Any]:
+        run = self.runs[run_id]
+        return {k: v for k, v in run.items() if k != "results"} | {
+            "url": f"{self.url}runs/{run_id}"
+        }
+
+    def _task_log(self, log_id: int) -> dict[str, Any]:
+        entry = self.logs[log_id]
+        now = datetime.now(UTC).isoformat()
+        return {
+            "path": entry["path"],
+            "lineCount": entry["lineCount"],
+            "createdOn": now,
+            "lastChangedOn": now,
+            "id": log_id,
+            "location": None,
+        }
+
+    @staticmethod
+    def _json_body(record: Recorded) -> Any:
+        if not (record.header("Content-Type") or "").startswith("application/json"):
+            return None
+        try:
+            return record.json()
+        except ValueError:
+            return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_fake: FakeDevOps
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parts = urlsplit(self.path)
+        record = Recorded(
+            method=self.command,
+            path=unquote(parts.path),
+            query=parse_qs(parts.query),
+            headers=dict(self.headers.items()),
+            body=body,
+        )
+        fake = self.server_fake
+        with fake._lock:
+            fake.requests.append(record)
+        status, payload, content_type = fake._handle(record)
+        record.status = status
+        data = b"" if payload is None else json.dumps(payload).encode("utf-8")
+        try:
+            self.send_response(status)
+            if data:
+                self.send_header("Content-Type", content_type + "; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if data:
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting (a timeout test); nothing to answer
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output quiet; every request is in FakeDevOps.requests
