@@ -246,7 +246,7 @@ def one_line(text: Any, limit: int = 600) -> str:
 
 
 _TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504, 530})
-_CODE_IN_TEXT = re.compile(r"\b(?:status code|statuscode|http)\D{0,3}([1-5]\d\d)\b", re.I)
+_CODE_IN_TEXT = re.compile(r"(?:status[ _]?code|response code|http)\W{0,4}([1-5]\d\d)\b", re.I)
 
 
 def transient_status(code: int | None) -> bool:
