@@ -64,9 +64,9 @@ def junit_xml(summary: dict[str, Any]) -> str:
         "testsuite",
         {
             "name": "notebookops",
-            "tests": str(counts["total"]),
+            "tests": str(counts["total"] + len(summary.get("errors") or [])),
             "failures": str(failures),
-            "errors": "0",
+            "errors": str(len(summary.get("errors") or [])),
             "skipped": str(skipped),
             "time": f"{total_time:.3f}",
             "timestamp": summary.get("startedAt") or "",

@@ -826,8 +826,12 @@ def _parse_compute(
     backend_path = "compute.backend"
     if backend is None:
         backend, backend_path = default_backend, f"compute.backend (default from {backend_origin})"
-    if backend not in BACKENDS:
-        problems.add(backend_path, f"must be one of {', '.join(BACKENDS)}", backend)
+    # The registry is the list of backends, so a registered backend is a valid name too.
+    from notebookops.compute.registry import known_backends
+
+    names = known_backends()
+    if backend not in names:
+        problems.add(backend_path, f"must be one of {', '.join(names)}", backend)
         backend = "local"
     target = _optional(compute, "target", "compute", problems, _plain_string, None)
     environment = _optional(compute, "environment", "compute", problems, _plain_string, None)

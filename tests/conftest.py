@@ -17,3 +17,6 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# Fixtures shared by the end-to-end flow tests.
+from tests.flow_support import flow_env  # noqa: E402, F401

@@ -1,0 +1,310 @@
+"""The real function app on devhost with a virtual clock and the in-process fake backend
+(tests/fake_backend.py stands in for Azure ML, which cannot be reached from here): every
+orchestration rule without waiting for real kernels or real time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devhost.events import CONTINUE_AS_NEW, EXECUTION_STARTED
+from tests.flow_support import (
+    FakeBackend,
+    app_host,
+    deliver,
+    fake_notebook,
+    make_repo,
+    message,
+    notebook,
+)
+
+CALLBACK = {
+    "PlanUrl": "https://dev.azure.com/contoso/",
+    "ProjectId": "5f9a4b1e-0c1d-4e2f-9a3b-1c2d3e4f5a6b",
+    "HubName": "build",
+    "PlanId": "0b5c1a2e-3d4f-4a5b-8c6d-7e8f9a0b1c2d",
+    "JobId": "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f",
+    "TimelineId": "2d3e4f5a-6b7c-4d8e-9f0a-1b2c3d4e5f6a",
+    "TaskInstanceId": "3e4f5a6b-7c8d-4e9f-8a1b-2c3d4e5f6a7b",
+    "TaskInstanceName": "PublishToAzureServiceBus",
+    "AuthToken": "s3cr3t-pipeline-token-value",
+}
+
+
+def run(flow_env, body, *, properties=None, message_id="m1", timeout=60):
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=properties, message_id=message_id)
+        status = host.wait_for(instance, timeout)
+        return host, instance, status
+
+
+@pytest.fixture
+def repo(flow_env):
+    return make_repo(
+        flow_env / "repo",
+        {
+            "nb/a.ipynb": fake_notebook(polls=2),
+            "nb/b.ipynb": fake_notebook(polls=4, outcome="failed"),
+            "nb/c.ipynb": fake_notebook(polls=3),
+            "nb/slow.ipynb": fake_notebook(polls=-1),  # never finishes by itself
+            "nb/smoke/one.ipynb": fake_notebook(polls=1),
+            "nb/smoke/two.ipynb": fake_notebook(polls=1),
+            "nb/refused.ipynb": {**fake_notebook(), "metadata": {"fake": {"refuse": True}}},
+        },
+    )
+
+
+def test_all_pass_and_summary_matches_the_contract(flow_env, repo):
+    body = message(repo, ["nb/a.ipynb", "nb/c.ipynb"], compute={"backend": "fake"})
+    _, instance, status = run(flow_env, body)
+    summary = status["output"]
+    assert status["runtimeStatus"] == "Completed"
+    assert summary["result"] == "succeeded"
+    assert summary["instanceId"] == instance
+    assert len(summary["commit"]) == 40
+    assert summary["counts"] == {
+        "total": 2,
+        "succeeded": 2,
+        "failed": 0,
+        "timedOut": 0,
+        "canceled": 0,
+    }
+    assert [n["path"] for n in summary["notebooks"]] == ["nb/a.ipynb", "nb/c.ipynb"]
+    for nb in summary["notebooks"]:
+        assert nb["runId"].startswith("nb-") and nb["portalUrl"].startswith("https://fake/")
+        assert nb["outputNotebook"].endswith(nb["path"])
+        assert nb["durationSeconds"] == 2.0
+    assert {"startedAt", "finishedAt"} <= set(summary)
+
+
+def test_failure_makes_the_run_fail_unless_allowed(flow_env, repo):
+    body = message(repo, ["nb/a.ipynb", "nb/b.ipynb"], compute={"backend": "fake"})
+    _, _, status = run(flow_env, body)
+    summary = status["output"]
+    assert summary["result"] == "failed"
+    failed = summary["notebooks"][1]
+    assert failed["state"] == "failed"
+    assert failed["error"] == {
+        "cellIndex": 1,
+        "ename": "ValueError",
+        "evalue": "fake failure",
+        "traceback": "Traceback: fake",
+    }
+
+
+def test_allowed_failure_gives_succeeded_with_issues(flow_env, repo):
+    body = message(
+        repo,
+        ["nb/a.ipynb", {"path": "nb/b.ipynb", "allowFailure": True}],
+        compute={"backend": "fake"},
+    )
+    assert run(flow_env, body)[2]["output"]["result"] == "succeededWithIssues"
+
+
+def test_globs_expand_sorted_and_parameters_merge(flow_env, repo):
+    body = message(
+        repo,
+        ["nb/smoke/*.ipynb", {"path": "nb/a.ipynb", "parameters": {"alpha": 2}}],
+        parameters={"env": "ci", "alpha": 1},
+        compute={"backend": "fake"},
+    )
+    _, _, status = run(flow_env, body)
+    paths = [n["path"] for n in status["output"]["notebooks"]]
+    assert paths == ["nb/a.ipynb", "nb/smoke/one.ipynb", "nb/smoke/two.ipynb"]
+    params = [run["parameters"] for run in FakeBackend.runs.values()]
+    assert params.count({"env": "ci", "alpha": 2}) == 1  # the entry's own value wins
+    assert params.count({"env": "ci", "alpha": 1}) == 2
+
+
+def test_missing_notebook_fails_the_run_with_a_clear_error(flow_env, repo):
+    body = message(repo, ["nb/a.ipynb", "nb/nope.ipynb"], compute={"backend": "fake"})
+    _, _, status = run(flow_env, body)
+    summary = status["output"]
+    assert summary["result"] == "failed"
+    assert summary["notebooks"] == []
+    assert "nb/nope.ipynb" in summary["errors"][0] and "not found" in summary["errors"][0]
+    assert FakeBackend.submits == []
+
+
+def test_bad_ref_fails_without_retrying(flow_env, repo):
+    body = message(repo, ["nb/a.ipynb"], compute={"backend": "fake"})
+    body["repository"]["ref"] = "no-such-branch"
+    _, _, status = run(flow_env, body)
+    assert status["output"]["result"] == "failed"
+    assert "no-such-branch" in status["output"]["errors"][0]
+
+
+def test_permanent_backend_error_fails_that_notebook_only(flow_env, repo):
+    body = message(
+        repo, ["nb/a.ipynb", "nb/refused.ipynb"], compute={"backend": "fake", "target": "gpu-x"}
+    )
+    summary = run(flow_env, body)[2]["output"]
+    by_path = {n["path"]: n for n in summary["notebooks"]}
+    assert by_path["nb/a.ipynb"]["state"] == "succeeded"
+    assert by_path["nb/refused.ipynb"]["state"] == "failed"
+    assert "'gpu-x' not found" in by_path["nb/refused.ipynb"]["error"]["evalue"]
+
+
+def test_transient_status_errors_are_tolerated(flow_env):
+    repo = make_repo(flow_env / "r2", {"nb/x.ipynb": fake_notebook(polls=2, transient=2)})
+    summary = run(flow_env, message(repo, ["nb/x.ipynb"], compute={"backend": "fake"}))[2]["output"]
+    assert summary["result"] == "succeeded"
+
+
+def test_per_notebook_timeout_cancels_that_run(flow_env, repo):
+    body = message(
+        repo,
+        ["nb/a.ipynb", {"path": "nb/slow.ipynb", "timeoutMinutes": 30}],
+        compute={"backend": "fake"},
+        timeoutMinutes=600,
+    )
+    _, _, status = run(flow_env, body)
+    summary = status["output"]
+    slow = summary["notebooks"][1]
+    assert slow["state"] == "timedOut"
+    assert "timeoutMinutes" in slow["message"]
+    assert summary["result"] == "failed"
+    # The backend was told to stop.
+    assert FakeBackend.runs[slow["runId"]]["state"] == "canceled"
+    # Stopped at the deadline, not at the next poll after it.
+    assert slow["durationSeconds"] == pytest.approx(30 * 60, abs=1), summary
+
+
+def test_whole_run_timeout_stops_every_pending_run(flow_env, repo):
+    body = message(
+        repo, ["nb/slow.ipynb", "nb/a.ipynb"], compute={"backend": "fake"}, timeoutMinutes=15
+    )
+    summary = run(flow_env, body)[2]["output"]
+    states = {n["path"]: n["state"] for n in summary["notebooks"]}
+    assert states == {"nb/a.ipynb": "succeeded", "nb/slow.ipynb": "timedOut"}
+    assert summary["result"] == "failed"
+
+
+def test_fail_fast_cancels_the_rest(flow_env, repo):
+    body = message(
+        repo, ["nb/b.ipynb", "nb/slow.ipynb"], compute={"backend": "fake"}, failFast=True
+    )
+    summary = run(flow_env, body)[2]["output"]
+    states = {n["path"]: n["state"] for n in summary["notebooks"]}
+    assert states == {"nb/b.ipynb": "failed", "nb/slow.ipynb": "canceled"}
+    assert "failFast" in summary["notebooks"][1]["message"]
+
+
+def test_max_parallel_bounds_runs_in_flight(flow_env):
+    files = {f"nb/n{i:02}.ipynb": fake_notebook(polls=2) for i in range(6)}
+    repo = make_repo(flow_env / "r3", files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, maxParallel=2)
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body)
+        peak = 0
+        while True:
+            status = host.get_status(instance)
+            custom = status.get("customStatus") or {}
+            counts = custom.get("counts") or {}
+            peak = max(peak, counts.get("running", 0) + counts.get("queued", 0))
+            if status["runtimeStatus"] == "Completed":
+                break
+            host.wait_for  # noqa: B018 - keep polling
+        assert status["output"]["result"] == "succeeded"
+    assert peak <= 2
+    assert len(FakeBackend.submits) == 6
+
+
+def test_history_stays_bounded_over_many_rounds(flow_env):
+    """Runs that need 400 polls: continue_as_new keeps each generation's history small."""
+    files = {f"nb/n{i}.ipynb": fake_notebook(polls=400) for i in range(5)}
+    repo = make_repo(flow_env / "r4", files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=10080)
+    sizes = []
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body)
+        while True:
+            history = host.history(instance)
+            sizes.append(len(history))
+            status = host.get_status(instance)
+            if status["runtimeStatus"] == "Completed":
+                break
+        generation = next(e for e in history if e["EventType"] == EXECUTION_STARTED)["Generation"]
+    assert status["output"]["result"] == "succeeded"
+    assert generation >= 30  # 400 rounds at 10 per generation
+    # Documented bound (README): 3 events per notebook + 100 per generation.
+    assert max(sizes) <= 3 * 5 + 100
+    assert not any(e["EventType"] == CONTINUE_AS_NEW for e in history[:-1])
+
+
+def test_duplicate_delivery_starts_one_instance_and_one_run_per_notebook(flow_env, repo):
+    body = message(repo, ["nb/a.ipynb", "nb/c.ipynb"], compute={"backend": "fake"})
+    with app_host(flow_env / "state") as host:
+        first = deliver(host, body, properties=CALLBACK, message_id="m1")
+        second = deliver(host, body, properties=CALLBACK, message_id="m2")  # redelivered copy
+        assert first == second
+        host.wait_for(first, 60)
+        third = deliver(host, body, properties=CALLBACK, message_id="m3")  # after it finished
+        assert third == first
+        assert len(host.store.list_instances()) == 1
+    assert len(FakeBackend.submits) == 2
+
+
+def test_invalid_message_with_callback_values_finishes_failed_with_the_errors(flow_env):
+    body = {
+        "repository": {"url": "https://dev.azure.com/contoso/p/_git/r"},
+        "notebooks": ["../x.ipynb"],
+        "timeoutMinutes": -5,
+    }
+    _, _, status = run(flow_env, body, properties=CALLBACK)
+    summary = status["output"]
+    assert summary["result"] == "failed"
+    joined = " ".join(summary["errors"])
+    assert "notebooks[0]" in joined and "timeoutMinutes" in joined
+
+
+def test_invalid_message_without_callback_values_raises_for_the_dead_letter_queue(flow_env):
+    from devhost import FunctionError
+
+    with app_host(flow_env / "state") as host:
+        with pytest.raises(FunctionError, match="notebooks"):
+            deliver(host, {"repository": {"url": "https://example.com/r.git"}, "notebooks": []})
+        assert host.store.list_instances() == []
+
+
+def test_the_token_never_reaches_durable_state_status_or_output(flow_env, repo, caplog):
+    body = message(repo, ["nb/a.ipynb", "nb/b.ipynb"], compute={"backend": "fake"})
+    token = CALLBACK["AuthToken"]
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=CALLBACK)
+        status = host.wait_for(instance, 60)
+        full = host.get_status(instance, show_history=True, show_history_output=True)
+        db_bytes = (flow_env / "state" / "devhost.sqlite3").read_bytes()
+        wal = flow_env / "state" / "devhost.sqlite3-wal"
+        db_bytes += wal.read_bytes() if wal.exists() else b""
+    assert status["output"]["result"] == "failed"
+    assert token not in json.dumps(full)
+    assert token.encode() not in db_bytes
+    assert token not in caplog.text
+    outputs = "".join(p.read_text() for p in (flow_env / "outputs").rglob("*") if p.is_file())
+    assert token not in outputs
+
+
+def test_activity_out_of_retries_still_reports_a_failed_summary(flow_env, repo, monkeypatch):
+    from notebookops import activities
+
+    def broken(payload):
+        raise ConnectionError("compute service unreachable")
+
+    monkeypatch.setattr(activities, "monitor", broken)
+    body = message(repo, ["nb/a.ipynb"], compute={"backend": "fake"})
+    _, _, status = run(flow_env, body)
+    summary = status["output"]
+    assert status["runtimeStatus"] == "Completed"
+    assert summary["result"] == "failed"
+    assert "ActivityMonitor" in summary["errors"][0]
+    assert "compute service unreachable" in summary["errors"][0]
+    assert summary["notebooks"][0]["state"] == "canceled"
+
+
+def test_local_notebook_metadata_unused_by_fake(flow_env):
+    # Guard: the fake reads its scenario from the committed notebook, not from defaults.
+    repo = make_repo(flow_env / "r5", {"nb/plain.ipynb": notebook("x = 1")})
+    summary = run(flow_env, message(repo, ["nb/plain.ipynb"], compute={"backend": "fake"}))[2]
+    assert summary["output"]["result"] == "succeeded"
