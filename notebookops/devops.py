@@ -12,6 +12,7 @@ registered for redaction and appears in no log line, exception text or repr.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -452,8 +453,6 @@ def _segment(value: str) -> str:
 
 
 def _dumps(body: Any) -> bytes:
-    import json
-
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
