@@ -309,10 +309,9 @@ class FakeV1Service:
 
 
 def _service_exception(cls: type, code: int, message: str) -> Exception:
-    """A ServiceException as the REST client raises it, without a live response."""
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    exc.status_code = code
-    exc.details = []
-    exc.message = message
-    return exc
+    """A ServiceException built by its own constructor from what msrest would hand it."""
+    from types import SimpleNamespace
+
+    response = SimpleNamespace(status_code=code, headers={})
+    inner = SimpleNamespace(message=message, response=response, error=SimpleNamespace(error=None))
+    return cls(inner)
