@@ -7,6 +7,7 @@ from ActivityClone import bp as activity_clone
 from ActivityMonitor import bp as activity_monitor
 from ActivityReport import bp as activity_report
 from ActivitySubmit import bp as activity_submit
+from HttpStarter import bp as http_starter
 from OrchestratorFunction import bp as orchestrator_function
 from RunStatus import bp as run_status
 from ServiceBusStarter import bp as service_bus_starter
@@ -20,6 +21,7 @@ for blueprint in (
     activity_submit,
     activity_monitor,
     activity_report,
+    http_starter,
     run_status,
 ):
     app.register_functions(blueprint)

@@ -43,6 +43,51 @@ def output_root(instance_id: str) -> Path:
     return Path(base) / instance_id
 
 
+DEVOPS_RETRY_SETTING = "NOTEBOOKOPS_DEVOPS_RETRY_SECONDS"
+DEVOPS_TIMEOUT_SETTING = "NOTEBOOKOPS_DEVOPS_TIMEOUT_SECONDS"
+
+
+def _float_setting(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        log.warning("%s=%r is not a number; using %s", name, raw, default)
+        return default
+
+
+def _devops(payload: dict[str, Any]) -> Any:
+    """The pipeline's callback client, or None when the run has no callback values."""
+    devops = payload.get("devops")
+    token = _token(payload)
+    if not devops or not token:
+        return None
+    from notebookops.devops import DevOpsClient
+    from notebookops.request import Callback
+
+    callback = Callback.from_dict({**devops, "authToken": token})
+    return DevOpsClient.from_callback(
+        callback,
+        log_id=payload.get("logId"),
+        backoff_base=_float_setting(DEVOPS_RETRY_SETTING, 1.0),
+        timeout=_float_setting(DEVOPS_TIMEOUT_SETTING, 30.0),
+    )
+
+
+def _tell(client: Any, lines: list[str]) -> None:
+    """Live feed and job log; best effort: the pipeline's console never fails a run."""
+    if client is None or not lines:
+        return
+    from notebookops.devops import DevOpsError
+
+    client.feed(lines)
+    if client.log_id is not None:
+        try:
+            client.append_log("\n".join(lines) + "\n")
+        except DevOpsError as exc:
+            log.warning("job log: %s", exc)
+
+
 def clone(payload: dict[str, Any]) -> dict[str, Any]:
     from notebookops.repo import RepoError, resolve_and_checkout
 
@@ -98,6 +143,7 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
             return {"ok": False, "error": redact.redact_known(str(exc))}
         raise
     log.info("submit: %s -> %s", payload["path"], handle.run_id)
+    _tell(_devops(payload), [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"])
     return {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
 
 
@@ -192,18 +238,66 @@ def _parse(text: str) -> datetime:
 
 
 def report(payload: dict[str, Any]) -> dict[str, Any]:
-    """Log the summary. Calling Azure DevOps back is not built yet (the DevOps issue); until
-    then the result says so instead of pretending."""
+    """Talk to the waiting pipeline. Phase "started": TaskStarted, the job log, the first feed
+    lines. Phase "completed": the final table, test results, then exactly one TaskCompleted
+    (skipped when the pipeline is gone). Without callback values it only logs."""
+    from notebookops.devops import CallbackRejected, CallbackUnavailable
+
+    client = _devops(payload)
+    phase = payload.get("phase", "completed")
+    if phase == "started":
+        return _report_started(client, payload)
+    summary = payload["summary"]
+    table = summary_lines(summary)
+    log.info("run %s finished: %s\n%s", summary["instanceId"], summary["result"], "\n".join(table))
+    if client is None:
+        return {"calledBack": False, "result": summary["result"]}
+    _tell(client, table)
+    client.publish_test_results(summary, _output_resolver(summary))
+    if payload.get("skipCallback"):
+        log.info(
+            "run %s: the pipeline no longer waits; no TaskCompleted sent", summary["instanceId"]
+        )
+        return {"calledBack": False, "result": summary["result"]}
+    try:
+        client.task_completed(summary["result"])
+    except CallbackRejected as exc:
+        # The task is no longer waiting (cancelled, timed out, completed): never loop on it.
+        log.warning("run %s: TaskCompleted refused: %s", summary["instanceId"], exc)
+        return {"calledBack": False, "result": summary["result"], "rejected": True}
+    except CallbackUnavailable:
+        raise  # transient: the orchestrator's retry policy applies
+    return {"calledBack": True, "result": summary["result"]}
+
+
+def _report_started(client: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    from notebookops.devops import CallbackRejected, DevOpsError
+
+    if client is None:
+        return {"logId": None}
+    lines = list(payload.get("lines") or [])
+    try:
+        client.task_started()
+        log_id = client.ensure_log(payload.get("logId"))
+    except CallbackRejected as exc:
+        log.warning("the pipeline refused the run's first call: %s", exc)
+        return {"logId": None, "pipeline": "gone"}
+    except DevOpsError as exc:  # the run goes on; the final TaskCompleted retries on its own
+        log.warning("job log unavailable: %s", exc)
+        log_id = None
+    _tell(client, lines)
+    return {"logId": log_id}
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
     from notebookops.report import summary_table
 
-    _token(payload)  # registers the token for log redaction before anything is logged
-    summary = payload["summary"]
-    log.info(
-        "run %s finished: %s\n%s", summary["instanceId"], summary["result"], summary_table(summary)
-    )
-    if payload.get("devops"):
-        log.warning(
-            "run %s: the Azure DevOps callback is not implemented yet; the pipeline is not told",
-            summary["instanceId"],
-        )
-    return {"calledBack": False, "result": summary["result"]}
+    return summary_table(summary).splitlines()
+
+
+def _output_resolver(summary: dict[str, Any]) -> Any:
+    def resolve(notebook: dict[str, Any]) -> Path | None:
+        path = notebook.get("outputNotebook")
+        return Path(path) if path and Path(path).is_file() else None
+
+    return resolve

@@ -43,7 +43,8 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
             else:
                 context.set_custom_status(policy.custom_status(state, "cloning"))
                 yield from _clone(context, state)
-        if not state["errors"]:
+            yield from _started(context, state)
+        if not state["errors"] and not state["canceledByPipeline"]:
             finished = yield from _run_rounds(context, state)
             if not finished:
                 return None  # continued as new; the next generation goes on
@@ -90,6 +91,28 @@ def _clone(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Ge
     policy.add_notebooks(state, result)
 
 
+def _started(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
+    """Open the pipeline's job log and say what this run will do (only with callback values)."""
+    if not state["request"].get("devops"):
+        return
+    result = yield context.call_activity_with_retry(
+        "ActivityReport",
+        ACTIVITY_RETRY,
+        {"phase": "started", "lines": policy.started_lines(state), **_callback(state)},
+    )
+    state["logId"] = result.get("logId")
+    if result.get("pipeline") == "gone":
+        state["canceledByPipeline"] = True
+
+
+def _callback(state: dict[str, Any]) -> dict[str, Any]:
+    """What activities that talk to the pipeline need: its values, the sealed token, the log."""
+    devops = state["request"].get("devops")
+    if not devops:
+        return {}
+    return {"devops": devops, "auth": state["auth"], "logId": state.get("logId")}
+
+
 def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
     """Returns True when every notebook is finished, False after continue_as_new."""
     for _ in range(ROUNDS_PER_GENERATION):
@@ -100,7 +123,8 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
         late_stops = policy.cancellations(state, context.current_utc_datetime)
         if late_stops:
             yield from _monitor(context, state, late_stops, poll=False)
-        yield from _submit_ready(context, state)
+        if not state["canceledByPipeline"]:
+            yield from _submit_ready(context, state)
         context.set_custom_status(policy.custom_status(state, "running"))
         if policy.all_done(state):
             return True
@@ -124,6 +148,8 @@ def _monitor(
     ]
     if not runs and not stops:
         return
+    now = context.current_utc_datetime
+    check = poll and policy.pipeline_check_due(state, now)
     monitor = yield context.call_activity_with_retry(
         "ActivityMonitor",
         ACTIVITY_RETRY,
@@ -131,9 +157,19 @@ def _monitor(
             "instanceId": state["instanceId"],
             "runs": runs,
             "cancel": stops,
+            "checkPipeline": check,
+            **_callback(state),
         },
     )
     policy.apply_monitor(state, monitor["runs"], context.current_utc_datetime)
+    if check:
+        state["lastPipelineCheck"] = policy.iso(now)
+    if monitor.get("pipeline") == "gone":
+        # Nobody waits any more (cancelled or timed out): stop every run, finish quietly.
+        state["canceledByPipeline"] = True
+        stops = policy.stop_all(state, context.current_utc_datetime)
+        if stops:
+            yield from _monitor(context, state, stops, poll=False)
 
 
 def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
@@ -156,8 +192,7 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
                     "parameters": policy.parameters_for(state, notebook),
                     "timeoutSeconds": policy.notebook_timeout_seconds(state, notebook),
                     "compute": request.get("compute", {}),
-                    "devops": request.get("devops"),
-                    "auth": state["auth"],
+                    **_callback(state),
                 },
             )
         )
@@ -179,9 +214,10 @@ def _report(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> G
         "ActivityReport",
         ACTIVITY_RETRY,
         {
+            "phase": "completed",
             "summary": summary,
-            "devops": state["request"].get("devops"),
-            "auth": state["auth"],
+            "skipCallback": state["canceledByPipeline"],
+            **_callback(state),
         },
     )
     context.set_custom_status(policy.custom_status(state, "finished"))

@@ -44,6 +44,8 @@ def new_state(
         "pollPolicy": None,
         "round": 0,
         "canceledByPipeline": False,
+        "logId": None,
+        "lastPipelineCheck": None,
         "errors": [],
         "notebooks": [],
     }
@@ -304,3 +306,49 @@ def summary(state: dict[str, Any], finished_at: datetime) -> dict[str, Any]:
             for n in state["notebooks"]
         ],
     }
+
+
+# The pipeline sends no cancel message; its timeline record is read at most this often.
+PIPELINE_CHECK_SECONDS = 60.0
+
+
+def pipeline_check_due(state: dict[str, Any], now: datetime) -> bool:
+    if not state["request"].get("devops"):
+        return False
+    last = state.get("lastPipelineCheck")
+    return last is None or (now - parse(last)).total_seconds() >= PIPELINE_CHECK_SECONDS
+
+
+def stop_all(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
+    """Stops for every unfinished notebook because the pipeline no longer waits."""
+    why = "the pipeline was canceled or timed out"
+    stops = []
+    for notebook in state["notebooks"]:
+        if notebook["state"] == PENDING:
+            finish(notebook, "canceled", now, message=f"not started: {why}")
+        elif notebook["state"] in ACTIVE_STATES:
+            stops.append(
+                {
+                    "path": notebook["path"],
+                    "handle": notebook["handle"],
+                    "state": "canceled",
+                    "message": why,
+                }
+            )
+    return stops
+
+
+def started_lines(state: dict[str, Any]) -> list[str]:
+    """The first lines the pipeline shows: what was accepted, or why nothing will run."""
+    request = state["request"]
+    backend = (request.get("compute") or {}).get("backend", "local")
+    if state["errors"]:
+        return [f"notebookops run {state['instanceId']}: cannot start"] + [
+            f"error: {e}" for e in state["errors"]
+        ]
+    lines = [
+        f"notebookops run {state['instanceId']} accepted: commit {state['commit']}, "
+        f"{len(state['notebooks'])} notebook(s) on {backend}"
+    ]
+    lines += [f"  {n['path']}" for n in state["notebooks"]]
+    return lines

@@ -24,6 +24,10 @@ class InvalidMessage(ValueError):
     """A message we cannot run and cannot report on: raising lets Service Bus retry it and
     then dead-letter it, so nothing is lost."""
 
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("invalid message: " + "; ".join(errors))
+
 
 @dataclass
 class StartOutcome:
@@ -37,7 +41,7 @@ def instance_id_for(callback: Callback | None, message_id: str | None) -> str:
         key = f"{callback.plan_id}:{callback.job_id}:{callback.task_instance_id}".lower()
         return "nb-" + hashlib.sha256(key.encode()).hexdigest()[:32]
     if not message_id:
-        raise InvalidMessage("the message has no callback values and no message id to key it by")
+        raise InvalidMessage(["the message has no callback values and no message id to key it by"])
     return "msg-" + hashlib.sha256(message_id.encode()).hexdigest()[:32]
 
 
@@ -64,7 +68,7 @@ async def start_from_message(
     if callback is not None:
         redact.register_secret(callback.auth_token)
     if errors and callback is None:
-        raise InvalidMessage("invalid message: " + "; ".join(errors))
+        raise InvalidMessage(errors)
     instance_id = instance_id_for(callback, message_id)
     existing = await client.get_status(instance_id)
     if existing and existing.runtime_status is not None:

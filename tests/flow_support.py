@@ -37,6 +37,9 @@ def flow_env(tmp_path, monkeypatch):
         "NOTEBOOKOPS_CHECKOUT_DIR": str(tmp_path / "checkouts"),
         "NOTEBOOKOPS_OUTPUT_DIR": str(tmp_path / "outputs"),
         "GIT_CONFIG_GLOBAL": str(gitconfig),
+        # The fake DevOps server answers at once; keep retries and timeouts short.
+        "NOTEBOOKOPS_DEVOPS_RETRY_SECONDS": "0.01",
+        "NOTEBOOKOPS_DEVOPS_TIMEOUT_SECONDS": "2",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)

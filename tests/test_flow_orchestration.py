@@ -9,6 +9,7 @@ import json
 import pytest
 
 from devhost.events import CONTINUE_AS_NEW, EXECUTION_STARTED
+from tests.fake_devops import FakeDevOps
 from tests.flow_support import (
     FakeBackend,
     app_host,
@@ -19,17 +20,12 @@ from tests.flow_support import (
     notebook,
 )
 
-CALLBACK = {
-    "PlanUrl": "https://dev.azure.com/contoso/",
-    "ProjectId": "5f9a4b1e-0c1d-4e2f-9a3b-1c2d3e4f5a6b",
-    "HubName": "build",
-    "PlanId": "0b5c1a2e-3d4f-4a5b-8c6d-7e8f9a0b1c2d",
-    "JobId": "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f",
-    "TimelineId": "2d3e4f5a-6b7c-4d8e-9f0a-1b2c3d4e5f6a",
-    "TaskInstanceId": "3e4f5a6b-7c8d-4e9f-8a1b-2c3d4e5f6a7b",
-    "TaskInstanceName": "PublishToAzureServiceBus",
-    "AuthToken": "s3cr3t-pipeline-token-value",
-}
+
+@pytest.fixture
+def devops():
+    """A fake Azure DevOps on loopback (the real one cannot be reached from here)."""
+    with FakeDevOps(token="s3cr3t-pipeline-token-value") as fake:
+        yield fake
 
 
 def run(flow_env, body, *, properties=None, message_id="m1", timeout=60):
@@ -233,7 +229,8 @@ def test_history_stays_bounded_over_many_rounds(flow_env):
     assert not any(e["EventType"] == CONTINUE_AS_NEW for e in history[:-1])
 
 
-def test_duplicate_delivery_starts_one_instance_and_one_run_per_notebook(flow_env, repo):
+def test_duplicate_delivery_starts_one_instance_and_one_run_per_notebook(flow_env, repo, devops):
+    CALLBACK = devops.properties()
     body = message(repo, ["nb/a.ipynb", "nb/c.ipynb"], compute={"backend": "fake"})
     with app_host(flow_env / "state") as host:
         first = deliver(host, body, properties=CALLBACK, message_id="m1")
@@ -246,7 +243,8 @@ def test_duplicate_delivery_starts_one_instance_and_one_run_per_notebook(flow_en
     assert len(FakeBackend.submits) == 2
 
 
-def test_invalid_message_with_callback_values_finishes_failed_with_the_errors(flow_env):
+def test_invalid_message_with_callback_values_finishes_failed_with_the_errors(flow_env, devops):
+    CALLBACK = devops.properties()
     body = {
         "repository": {"url": "https://dev.azure.com/contoso/p/_git/r"},
         "notebooks": ["../x.ipynb"],
@@ -268,7 +266,8 @@ def test_invalid_message_without_callback_values_raises_for_the_dead_letter_queu
         assert host.store.list_instances() == []
 
 
-def test_the_token_never_reaches_durable_state_status_or_output(flow_env, repo, caplog):
+def test_the_token_never_reaches_durable_state_status_or_output(flow_env, repo, caplog, devops):
+    CALLBACK = devops.properties()
     body = message(repo, ["nb/a.ipynb", "nb/b.ipynb"], compute={"backend": "fake"})
     token = CALLBACK["AuthToken"]
     with app_host(flow_env / "state") as host:
