@@ -181,7 +181,40 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
                     "message": f"status unavailable: {redact.redact_known(str(exc))}",
                 }
             )
-    return {"runs": results}
+    client = _devops(payload)
+    _tell(client, [_end_line(r) for r in results if r.get("state") in _TERMINAL])
+    answer: dict[str, Any] = {"runs": results}
+    if payload.get("checkPipeline") and client is not None:
+        answer["pipeline"] = _pipeline_state(client)
+    return answer
+
+
+_TERMINAL = {"succeeded", "failed", "canceled", "timedOut"}
+
+
+def _end_line(result: dict[str, Any]) -> str:
+    from notebookops.report import error_line
+
+    seconds = result.get("durationSeconds")
+    took = f" in {seconds:.1f}s" if seconds is not None else ""
+    detail = error_line(result)
+    return f"finished {result['path']}: {result['state']}{took}" + (f": {detail}" if detail else "")
+
+
+def _pipeline_state(client: Any) -> str:
+    """'waiting', 'gone' (cancelled, timed out or otherwise finished without us) or 'unknown'."""
+    from notebookops.devops import CallbackRejected, DevOpsError
+
+    try:
+        state = client.task_state()
+    except CallbackRejected:
+        return "gone"
+    except DevOpsError as exc:
+        log.warning("pipeline check: %s", exc)
+        return "unknown"
+    if state is None:
+        return "unknown"
+    return "waiting" if state.lower() in ("pending", "inprogress") else "gone"
 
 
 def _backend(handle: Any) -> Any:

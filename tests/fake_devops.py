@@ -373,6 +373,10 @@ class FakeDevOps:
         ):
             return 400, {"message": "invalid result"}, "application/json"
         with self._lock:
+            # A task that already completed is no longer waiting: the expected answer is a
+            # 4xx (reference §5, UNCONFIRMED), so a late duplicate never counts twice here.
+            if self.records[self.task_instance_id].get("state") == "completed":
+                return 409, {"message": "TaskOrchestrationJobAlreadyCompleted"}, "application/json"
             self.events.append(body)
             if body["name"] == "TaskCompleted":
                 self.records[self.task_instance_id].update(state="completed", result=body["result"])

@@ -1,0 +1,254 @@
+"""The app reporting to a waiting Azure DevOps pipeline, end to end on devhost.
+
+Azure DevOps cannot be reached from here: tests/fake_devops.py is a fake server on
+127.0.0.1 that speaks the documented REST protocol and records every request. Compute is
+the in-process fake backend on a virtual clock, so deadlines and cancellation take no time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from notebookops.report import junit_xml
+from tests.devhost_support import http
+from tests.fake_devops import FakeDevOps
+from tests.flow_support import FakeBackend, app_host, deliver, fake_notebook, make_repo, message
+
+TOKEN = "pipeline-token-Zq8v2L"
+
+
+@pytest.fixture
+def devops():
+    with FakeDevOps(token=TOKEN) as fake:
+        yield fake
+
+
+@pytest.fixture
+def repo(flow_env):
+    return make_repo(
+        flow_env / "repo",
+        {
+            "nb/a.ipynb": fake_notebook(polls=2),
+            "nb/b.ipynb": fake_notebook(polls=3, outcome="failed"),
+            "nb/slow.ipynb": fake_notebook(polls=-1),
+        },
+    )
+
+
+def body_for(repo, notebooks, **fields):
+    return message(
+        repo, notebooks, compute={"backend": "fake"}, devops={"buildId": "4242"}, **fields
+    )
+
+
+def run(flow_env, devops, body, timeout=60):
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        return host.wait_for(instance, timeout)
+
+
+def test_all_pass_reports_log_feed_test_results_and_one_task_completed(flow_env, repo, devops):
+    status = run(flow_env, devops, body_for(repo, ["nb/a.ipynb"]))
+    assert status["output"]["result"] == "succeeded"
+    assert [e["result"] for e in devops.task_completed_events()] == ["succeeded"]
+    event = devops.task_completed_events()[0]
+    assert event["taskId"] == devops.task_instance_id and event["jobId"] == devops.job_id
+    assert len(devops.task_started_events()) == 1
+    feed = "\n".join(devops.feed_lines())
+    assert "accepted: commit" in feed
+    assert "submitted nb/a.ipynb: https://fake/" in feed
+    assert "finished nb/a.ipynb: succeeded" in feed
+    assert "result: succeeded" in feed
+    log_text = devops.log_text()
+    assert "accepted: commit" in log_text and "result: succeeded" in log_text
+    assert devops.task_record()["log"]["id"] is not None
+    runs = devops.test_runs()
+    assert len(runs) == 1 and runs[0]["state"] == "Completed"
+    assert [r["outcome"] for r in runs[0]["results"]] == ["Passed"]
+    assert runs[0]["results"][0]["attachments"], "the executed notebook is attached"
+    creations = [r for r in devops.requests_to("/logs", method="POST") if r.path.endswith("/logs")]
+    assert len(creations) == 1  # created once, then appended
+
+
+def test_failures_make_the_pipeline_fail_with_the_cell(flow_env, repo, devops):
+    status = run(flow_env, devops, body_for(repo, ["nb/a.ipynb", "nb/b.ipynb"]))
+    assert status["output"]["result"] == "failed"
+    assert [e["result"] for e in devops.task_completed_events()] == ["failed"]
+    assert any(
+        "finished nb/b.ipynb: failed" in line and "(cell 1)" in line for line in devops.feed_lines()
+    )
+    outcomes = {r["automatedTestName"]: r["outcome"] for r in devops.test_runs()[0]["results"]}
+    assert sorted(outcomes.values()) == ["Failed", "Passed"]
+
+
+def test_allowed_failures_only_give_succeeded_with_issues(flow_env, repo, devops):
+    body = body_for(repo, ["nb/a.ipynb", {"path": "nb/b.ipynb", "allowFailure": True}])
+    run(flow_env, devops, body)
+    assert [e["result"] for e in devops.task_completed_events()] == ["succeededWithIssues"]
+
+
+def test_clone_failure_is_reported_failed(flow_env, repo, devops):
+    run(flow_env, devops, body_for(repo, ["nb/missing.ipynb"]))
+    assert [e["result"] for e in devops.task_completed_events()] == ["failed"]
+    assert "nb/missing.ipynb" in devops.log_text()
+
+
+def test_invalid_message_with_callback_values_fails_the_pipeline_with_the_errors(flow_env, devops):
+    body = {
+        "repository": {"url": "https://dev.azure.com/x/y/_git/z"},
+        "notebooks": [],
+        "maxParallel": 0,
+    }
+    run(flow_env, devops, body)
+    assert [e["result"] for e in devops.task_completed_events()] == ["failed"]
+    text = devops.log_text()
+    assert "notebooks" in text and "maxParallel" in text
+
+
+def test_whole_run_deadline_reports_failed(flow_env, repo, devops):
+    status = run(flow_env, devops, body_for(repo, ["nb/slow.ipynb"], timeoutMinutes=20))
+    assert status["output"]["notebooks"][0]["state"] == "timedOut"
+    assert [e["result"] for e in devops.task_completed_events()] == ["failed"]
+
+
+def test_pipeline_cancelled_mid_run_stops_runs_without_a_callback(flow_env, repo, devops):
+    body = body_for(repo, ["nb/a.ipynb", "nb/slow.ipynb"], timeoutMinutes=600)
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        # Let it start, then cancel the pipeline as Azure DevOps does: the record completes.
+        while not devops.feed_lines() or "finished nb/a.ipynb" not in "\n".join(
+            devops.feed_lines()
+        ):
+            host.wait_for  # noqa: B018
+        devops.set_task_record(state="completed", result="canceled")
+        status = host.wait_for(instance, 60)
+    assert status["output"]["result"] == "canceled"
+    assert devops.task_completed_events() == []
+    slow = next(n for n in status["output"]["notebooks"] if n["path"] == "nb/slow.ipynb")
+    assert slow["state"] == "canceled"
+    assert FakeBackend.runs[slow["runId"]]["state"] == "canceled"
+
+
+def test_duplicate_delivery_calls_back_once(flow_env, repo, devops):
+    body = body_for(repo, ["nb/a.ipynb"])
+    with app_host(flow_env / "state") as host:
+        first = deliver(host, body, properties=devops.properties(), message_id="m1")
+        host.wait_for(first, 60)
+        deliver(host, body, properties=devops.properties(), message_id="m2")
+    assert len(devops.task_completed_events()) == 1
+
+
+def test_server_errors_are_retried_until_the_callback_lands(flow_env, repo, devops):
+    body = body_for(repo, ["nb/a.ipynb", "nb/slow.ipynb"], timeoutMinutes=30)
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        while "submitted" not in "\n".join(devops.feed_lines()):
+            host.wait_for  # noqa: B018
+        devops.fail_next("/events", statuses=[500, 500])  # TaskStarted went through already
+        host.wait_for(instance, 60)
+    assert [e["result"] for e in devops.task_completed_events()] == ["failed"]
+    statuses = [
+        r.status for r in devops.requests_to("/events", method="POST") if b"TaskCompleted" in r.body
+    ]
+    assert statuses[:2] == [500, 500] and statuses[2] < 300 and len(statuses) == 3
+
+
+def test_404_means_no_longer_waiting_and_is_not_retried(flow_env, repo, devops, caplog):
+    body = body_for(repo, ["nb/a.ipynb"])
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        while "submitted" not in "\n".join(devops.feed_lines()):
+            host.wait_for  # noqa: B018
+        devops.no_longer_waiting(404)
+        status = host.wait_for(instance, 60)
+    assert status["runtimeStatus"] == "Completed"
+    completed = [
+        r for r in devops.requests_to("/events", method="POST") if b"TaskCompleted" in r.body
+    ]
+    assert len(completed) <= 1  # one attempt at most, answered 404, never looped
+
+
+def test_callback_timing_out_is_retried_and_lands_once(flow_env, repo, devops, monkeypatch, caplog):
+    """Each TaskCompleted is answered after 1 s but the client gives up after 0.2 s: the
+    first attempt lands late, the retry meets 'already completed' (4xx) and stops."""
+    monkeypatch.setenv("NOTEBOOKOPS_DEVOPS_TIMEOUT_SECONDS", "0.2")
+    body = body_for(repo, ["nb/a.ipynb"])
+    with caplog.at_level(logging.INFO), app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        while "submitted" not in "\n".join(devops.feed_lines()):
+            host.wait_for  # noqa: B018
+        devops.slow("/events", seconds=1.0, times=1)  # the TaskCompleted that times out
+        status = host.wait_for(instance, 120)
+    assert status["runtimeStatus"] == "Completed"
+    assert [e["result"] for e in devops.task_completed_events()] == ["succeeded"]
+    attempts = [
+        r for r in devops.requests_to("/events", method="POST") if b"TaskCompleted" in r.body
+    ]
+    assert len(attempts) >= 2
+    assert TOKEN not in caplog.text
+
+
+def test_callback_never_answering_fails_the_instance_with_a_clear_reason(
+    flow_env, repo, devops, monkeypatch, caplog
+):
+    monkeypatch.setenv("NOTEBOOKOPS_DEVOPS_TIMEOUT_SECONDS", "0.2")
+    body = body_for(repo, ["nb/a.ipynb"])
+    with caplog.at_level(logging.INFO), app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        while "submitted" not in "\n".join(devops.feed_lines()):
+            host.wait_for  # noqa: B018
+        devops.fail_next("/events", statuses=[503] * 1000)
+        status = host.wait_for(instance, 120)
+    assert status["runtimeStatus"] == "Failed"
+    assert "ActivityReport" in status["output"] and "CallbackUnavailable" in status["output"]
+    assert TOKEN not in status["output"] and TOKEN not in caplog.text
+    assert devops.task_completed_events() == []
+
+
+def test_the_token_is_nowhere_a_person_can_see(flow_env, repo, devops, caplog):
+    body = body_for(repo, ["nb/a.ipynb", "nb/b.ipynb"])
+    with caplog.at_level(logging.DEBUG), app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        status = host.wait_for(instance, 60)
+        full = host.get_status(instance, show_history=True, show_history_output=True)
+        run_view = http("GET", f"{host.base_url}/api/runs/{instance}")
+        started = http(
+            "POST",
+            f"{host.base_url}/api/runs",
+            raw=json.dumps(body).encode(),
+            headers=devops.properties(),
+        )
+        unknown = http("GET", f"{host.base_url}/api/runs/no-such-run")
+    assert run_view[0] == 200 and run_view[1]["result"] == "failed"
+    assert run_view[1]["notebooks"][0]["portalUrl"].startswith("https://fake/")
+    assert unknown[0] == 404
+    assert started[0] == 202 and started[1]["duplicate"] is True
+    assert started[2]["Location"].endswith(f"/api/runs/{instance}")
+    seen = [
+        json.dumps(status),
+        json.dumps(full),
+        json.dumps(run_view[1]),
+        json.dumps(started[1]),
+        json.dumps(dict(started[2])),
+        caplog.text,
+        junit_xml(status["output"]),
+        "\n".join(devops.feed_lines()),
+        devops.log_text(),
+        json.dumps(devops.test_runs()),
+    ]
+    for text in seen:
+        assert TOKEN not in text
+    import base64
+
+    basic = base64.b64encode(f":{TOKEN}".encode()).decode()
+    assert all(basic not in text for text in seen)
+
+
+def test_http_starter_refuses_an_invalid_message_without_callback_values(flow_env):
+    with app_host(flow_env / "state") as host:
+        code, body, _ = http("POST", f"{host.base_url}/api/runs", {"notebooks": ["a.ipynb"]})
+    assert code == 400
+    assert any("repository" in e for e in body["errors"])
