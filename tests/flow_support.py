@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from devhost import Host
-from notebookops.compute.registry import register_backend
 from notebookops.starter import instance_id_for
 from tests.fake_backend import FakeBackend
 from tests.gitrepos import file_url, make_repo, notebook
@@ -43,7 +42,10 @@ def flow_env(tmp_path, monkeypatch):
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    register_backend("fake", FakeBackend)
+    # Registered for this test only, so other tests see the real list of backends.
+    from notebookops.compute import registry
+
+    monkeypatch.setitem(registry._factories, "fake", FakeBackend)
     FakeBackend.reset()
     return tmp_path
 

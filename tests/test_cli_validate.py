@@ -60,7 +60,7 @@ def test_invalid_example_prints_each_error_on_its_own_line():
         'notebooks[1]: must stay inside the repository (no .. segments), got "../outside.ipynb"'
         in lines
     )
-    assert 'compute.backend: must be one of local, azureml, azureml-v1, got "gpu"' in lines
+    assert 'compute.backend: must be one of azureml, azureml-v1, local, got "gpu"' in lines
 
 
 @pytest.mark.slow

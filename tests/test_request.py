@@ -190,7 +190,7 @@ def test_every_error_is_reported_at_once_with_field_and_value():
         'notebooks[3].path: must stay inside the repository (no .. segments), got "a/../../b.ipynb"',
         "parameters.not-an-identifier: parameter names must be valid Python identifiers",
         "parameters.class: parameter names must be valid Python identifiers",
-        'compute.backend: must be one of local, azureml, azureml-v1, got "gpu"',
+        'compute.backend: must be one of azureml, azureml-v1, local, got "gpu"',
         "compute.gpus: unknown field",
         "timeoutMinutes: must be a positive number of minutes, at most 10080, got 0",
         "maxParallel: must be a whole number from 1 to 500, got 501",
@@ -349,8 +349,8 @@ def test_backend_default_from_argument_then_environment(monkeypatch):
     monkeypatch.setenv("NOTEBOOKOPS_DEFAULT_BACKEND", "quantum")
     (error,) = errors_of(body())
     assert error == (
-        "compute.backend (default from NOTEBOOKOPS_DEFAULT_BACKEND): must be one of local, "
-        'azureml, azureml-v1, got "quantum"'
+        "compute.backend (default from NOTEBOOKOPS_DEFAULT_BACKEND): must be one of azureml, "
+        'azureml-v1, local, got "quantum"'
     )
 
 
