@@ -209,3 +209,36 @@ def test_host_killed_mid_run_resumes_without_rerunning_finished_notebooks(tmp_pa
     assert status["output"]["result"] == "succeeded", status["output"]
     ran = sorted(p.name.split("-")[0] for p in marks.iterdir())
     assert ran == ["later", "quick"]  # each notebook executed exactly once
+
+
+def test_cli_run_reports_to_a_loopback_pipeline(tmp_path, repo):
+    """`run --properties` pointing at the fake Azure DevOps (the real one cannot be reached):
+    the fake's record shows the feed, the job log, the test run and one TaskCompleted."""
+    from tests.fake_devops import FakeDevOps
+
+    with FakeDevOps(token="cli-token-7f3K") as devops:
+        body = message(
+            repo,
+            ["nb/pass.ipynb", {"path": "nb/fail.ipynb", "allowFailure": True}],
+            devops={"buildId": "77"},
+        )
+        (tmp_path / "body.json").write_text(json.dumps(body))
+        (tmp_path / "props.json").write_text(json.dumps(devops.properties()))
+        result = cli(
+            "run",
+            str(tmp_path / "body.json"),
+            "--properties",
+            str(tmp_path / "props.json"),
+            "--out",
+            str(tmp_path / "out"),
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert [e["result"] for e in devops.task_completed_events()] == ["succeededWithIssues"]
+        feed = "\n".join(devops.feed_lines())
+        assert "finished nb/fail.ipynb: failed" in feed and "(cell 1)" in feed
+        assert "result: succeededWithIssues" in devops.log_text()
+        (test_run,) = devops.test_runs()
+        assert sorted(r["outcome"] for r in test_run["results"]) == ["Failed", "Passed"]
+        assert all(r["attachments"] for r in test_run["results"])
+    outputs = result.stdout + result.stderr + (tmp_path / "out/summary.json").read_text()
+    assert "cli-token-7f3K" not in outputs
