@@ -242,3 +242,38 @@ def test_cli_run_reports_to_a_loopback_pipeline(tmp_path, repo):
         assert all(r["attachments"] for r in test_run["results"])
     outputs = result.stdout + result.stderr + (tmp_path / "out/summary.json").read_text()
     assert "cli-token-7f3K" not in outputs
+
+
+def test_whole_run_timeout_stops_real_kernels(tmp_path, repo, flow_env):
+    body = message(
+        repo, ["nb/pass.ipynb", "nb/slow.ipynb"], timeoutMinutes=0.15, compute={"backend": "local"}
+    )
+    started = time.monotonic()
+    with app_host(flow_env / "state", clock="real") as host:
+        status = host.wait_for(deliver(host, body), 120)
+    summary = status["output"]
+    assert {n["path"]: n["state"] for n in summary["notebooks"]} == {
+        "nb/pass.ipynb": "succeeded",
+        "nb/slow.ipynb": "timedOut",
+    }
+    assert summary["result"] == "failed"
+    assert time.monotonic() - started < 60
+
+
+def test_duplicate_delivery_runs_each_notebook_once(tmp_path, flow_env):
+    from tests.fake_devops import FakeDevOps
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cell = "open(f'{marks}/' + str(__import__('uuid').uuid4()), 'w').close()"
+    repo = make_repo(tmp_path / "dup", {"nb/once.ipynb": notebook(cell, parameters={"marks": ""})})
+    body = message(
+        repo, ["nb/once.ipynb"], parameters={"marks": str(marks)}, compute={"backend": "local"}
+    )
+    with FakeDevOps() as devops, app_host(flow_env / "state", clock="real") as host:
+        first = deliver(host, body, properties=devops.properties(), message_id="a")
+        second = deliver(host, body, properties=devops.properties(), message_id="b")
+        assert first == second
+        assert host.wait_for(first, 120)["output"]["result"] == "succeeded"
+        assert len(devops.task_completed_events()) == 1
+    assert len(list(marks.iterdir())) == 1
