@@ -1,0 +1,88 @@
+"""`python -m bench [--only NAMES] [--tiny] [--json FILE]`: run the benchmarks, print a table.
+
+Names: throughput (1), scale (2), startup (3), clone (4), single (5). `--tiny` runs each on a tiny
+size with few repetitions (the smoke test's mode: figures are then not meaningful, only the
+machinery is checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+
+from bench.common import Report, table
+
+ORDER = ["startup", "scale", "clone", "single", "throughput"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", default=",".join(ORDER), help="comma-separated benchmarks")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, for the smoke test")
+    parser.add_argument("--json", help="also write every raw figure to this file")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(names) - set(ORDER)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    report = Report()
+    raw: dict = {}
+    began = time.perf_counter()
+    print(
+        f"notebookops benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}"
+    )
+    for name in ORDER:
+        if name not in names:
+            continue
+        print(f"\n== {name} ==", flush=True)
+        started = time.perf_counter()
+        raw[name] = _run(name, report, args.tiny)
+        print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+    print()
+    header = ["bench", "what", "ours (median [min..max])", "baseline", "ratio", "goal", ""]
+    print(table([g.row() for g in report.goals], header))
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"\ntotal {time.perf_counter() - began:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"cpus": os.cpu_count(), "results": raw}, handle, indent=1, default=str)
+    return 0
+
+
+def _run(name: str, report: Report, tiny: bool):
+    if name == "startup":
+        from bench import startup
+
+        return startup.run(report, repeats=2 if tiny else 10)
+    if name == "scale":
+        from bench import scale
+
+        return scale.run(report, sizes=(3,) if tiny else (10, 100, 500), tiny=tiny)
+    if name == "clone":
+        from bench import clone
+
+        if tiny:
+            return clone.run(report, commits=30, megabytes=1, repeats=1)
+        return clone.run(report)
+    if name == "single":
+        from bench import throughput
+
+        return throughput.run_single(report, repeats=1 if tiny else 5)
+    if name == "throughput":
+        from bench import throughput
+
+        if tiny:
+            return throughput.run_throughput(report, notebooks=2, sleep=0.1, repeats=1)
+        return throughput.run_throughput(report)
+    raise AssertionError(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

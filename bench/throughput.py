@@ -1,0 +1,175 @@
+"""Benchmarks 1 (local throughput) and 5 (one notebook end to end).
+
+1. N notebooks that each sleep S seconds and print, run by `python -m notebookops run` (local
+   backend, 2 workers) against a sequential `papermill` CLI loop and `pytest --nbmake -n 2` on the
+   same notebooks; then the per-notebook overhead with 1 worker against nbmake without xdist
+   (wall time minus the notebooks' own sleep, divided by their number).
+5. One trivial notebook: `python -m notebookops run` against one `papermill` CLI run.
+
+The variants of one repetition run back to back, so each repetition sees the same machine load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from bench.common import (
+    PYTHON,
+    Report,
+    Sample,
+    bench_env,
+    git_env,
+    run_cmd,
+    sleep_notebook,
+    write_repo,
+)
+
+
+def _message(repo: Path, notebooks: list[str], folder: Path, max_parallel: int) -> Path:
+    body = {
+        "repository": {"url": str(repo), "ref": "main"},
+        "notebooks": notebooks,
+        "compute": {"backend": "local"},
+        "timeoutMinutes": 30,
+        "maxParallel": max_parallel,
+    }
+    path = folder / f"body-{len(notebooks)}.json"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def _ours(body: Path, out: Path, workers: int, env: dict[str, str]) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    elapsed, proc = run_cmd(
+        [PYTHON, "-m", "notebookops", "run", str(body), "--out", str(out), "--workers", str(workers)],
+        env=env,
+        cwd=body.parent,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    if summary["result"] != "succeeded":
+        raise RuntimeError(f"notebookops run did not succeed:\n{proc.stdout[-3000:]}")
+    return elapsed
+
+
+def _papermill_loop(paths: list[Path], out: Path, env: dict[str, str]) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    total = 0.0
+    for path in paths:
+        total += run_cmd(
+            [PYTHON, "-m", "papermill", "--no-progress-bar", str(path), str(out / path.name)],
+            env=env,
+            cwd=path.parent,
+        )[0]
+    return total
+
+
+def _nbmake(paths: list[Path], workers: int | None, env: dict[str, str], cwd: Path) -> float:
+    argv = [PYTHON, "-m", "pytest", "-q", "--nbmake", "-p", "no:cacheprovider"]
+    argv += ["-n", str(workers)] if workers else ["-p", "no:xdist"]
+    return run_cmd([*argv, *map(str, paths)], env=env, cwd=cwd)[0]
+
+
+def run_throughput(report: Report, *, notebooks: int = 8, sleep: float = 1.0, repeats: int = 5):
+    root = Path(tempfile.mkdtemp(prefix="nbops-bench-tp-"))
+    try:
+        env = bench_env(NOTEBOOKOPS_CHECKOUT_DIR=str(root / "checkouts"))
+        genv = git_env(root / "home")
+        env["GIT_CONFIG_GLOBAL"] = genv["GIT_CONFIG_GLOBAL"]
+        files = {f"nb/n{i}.ipynb": sleep_notebook(sleep, f"done {i}") for i in range(notebooks)}
+        repo = write_repo(root / "repo", files, genv)
+        paths = [repo / rel for rel in files]
+        body = _message(repo, list(files), root, max_parallel=notebooks)
+        own = notebooks * sleep
+        runs: dict[str, list[float]] = {k: [] for k in ("ours2", "nbmake2", "loop", "ours1", "nbmake1")}
+        for i in range(repeats):
+            runs["ours2"].append(_ours(body, root / "out", 2, env))
+            runs["nbmake2"].append(_nbmake(paths, 2, env, root))
+            runs["loop"].append(_papermill_loop(paths, root / "pm" / str(i), env))
+            runs["ours1"].append(_ours(body, root / "out", 1, env))
+            runs["nbmake1"].append(_nbmake(paths, None, env, root))
+            print(
+                f"  rep {i + 1}/{repeats}: "
+                + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items()),
+                flush=True,
+            )
+        s = {k: Sample(v) for k, v in runs.items()}
+        over = {k: Sample([(t - own) / notebooks for t in runs[k]]) for k in ("ours1", "nbmake1", "loop")}
+        r_nb = s["ours2"].median / s["nbmake2"].median
+        r_loop = s["ours2"].median / s["loop"].median
+        print(f"  {notebooks} x {sleep:g} s notebooks, 2 workers:")
+        print(f"    notebookops run      {s['ours2'].fmt()}")
+        print(f"    pytest --nbmake -n 2 {s['nbmake2'].fmt()}   ours/nbmake {r_nb:.2f}x")
+        print(f"    papermill loop       {s['loop'].fmt()}   ours/loop {r_loop:.2f}x")
+        print("  per-notebook overhead, 1 worker (wall - own time) / notebooks:")
+        print(f"    notebookops run      {over['ours1'].fmt(3)}")
+        print(f"    pytest --nbmake      {over['nbmake1'].fmt(3)}")
+        print(f"    papermill loop       {over['loop'].fmt(3)}")
+        tag = f"{notebooks}x{sleep:g}s"
+        report.add(
+            "1 throughput",
+            f"wall, {tag}, 2 workers vs nbmake -n 2",
+            s["ours2"].fmt(),
+            s["nbmake2"].fmt(),
+            f"{r_nb:.2f}x",
+            "<= 0.75x",
+            r_nb <= 0.75,
+        )
+        report.add(
+            "1 throughput",
+            f"wall, {tag}, vs sequential papermill loop",
+            s["ours2"].fmt(),
+            s["loop"].fmt(),
+            f"{r_loop:.2f}x",
+            "faster (< 1x)",
+            r_loop < 1.0,
+        )
+        ratio_o = over["ours1"].median / over["nbmake1"].median
+        report.add(
+            "1 throughput",
+            "per-notebook overhead, 1 worker vs nbmake (no xdist)",
+            over["ours1"].fmt(3),
+            over["nbmake1"].fmt(3),
+            f"{ratio_o:.2f}x",
+            "<= 0.5 s",
+            over["ours1"].median <= 0.5,
+        )
+        return {"runs": runs, "overhead": {k: v.values for k, v in over.items()}}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_single(report: Report, *, repeats: int = 5):
+    root = Path(tempfile.mkdtemp(prefix="nbops-bench-one-"))
+    try:
+        env = bench_env(NOTEBOOKOPS_CHECKOUT_DIR=str(root / "checkouts"))
+        genv = git_env(root / "home")
+        env["GIT_CONFIG_GLOBAL"] = genv["GIT_CONFIG_GLOBAL"]
+        files = {"trivial.ipynb": sleep_notebook(0, "hello")}
+        repo = write_repo(root / "repo", files, genv)
+        body = _message(repo, list(files), root, max_parallel=1)
+        ours, pm = [], []
+        for i in range(repeats):
+            ours.append(_ours(body, root / "out", 1, env))
+            pm.append(_papermill_loop([repo / "trivial.ipynb"], root / "pm" / str(i), env))
+        s_ours, s_pm = Sample(ours), Sample(pm)
+        extra = Sample([o - p for o, p in zip(ours, pm, strict=True)])
+        print(f"  notebookops run  {s_ours.fmt()}")
+        print(f"  papermill CLI    {s_pm.fmt()}")
+        print(f"  extra per repetition {extra.fmt()}")
+        diff = s_ours.median - s_pm.median
+        report.add(
+            "5 one notebook",
+            "notebookops run vs papermill CLI, trivial notebook",
+            s_ours.fmt(),
+            s_pm.fmt(),
+            f"{s_ours.median / s_pm.median:.2f}x, +{diff:.2f} s",
+            "<= +1.0 s",
+            diff <= 1.0,
+        )
+        return {"ours": ours, "papermill": pm}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
