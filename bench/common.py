@@ -137,7 +137,11 @@ def sleep_notebook(seconds: float, label: str) -> dict[str, Any]:
     nb = v4.new_notebook(
         cells=[v4.new_code_cell(f"import time\ntime.sleep({seconds!r})\nprint({label!r})")]
     )
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     return nb
 
 
@@ -145,8 +149,7 @@ def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return subprocess.run(
         ["git", "-C", str(repo), *args],
         check=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         env=env,
     ).stdout.strip()

@@ -19,10 +19,7 @@ def run(report: Report, repeats: int = 10) -> dict:
         app.append(run_cmd(app_cmd, cwd=ROOT, env=env)[0])
         sdk.append(run_cmd(sdk_cmd, cwd=ROOT, env=env)[0])
     app_s, sdk_s = Sample(app), Sample(sdk)
-    probe = (
-        "import sys, function_app; "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
+    probe = f"import sys, function_app; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     loaded = run_cmd([PYTHON, "-c", probe], cwd=ROOT, env=env)[1].stdout.strip()
     ratio = app_s.median / sdk_s.median
     print(f"  import function_app        {app_s.fmt(3)}")

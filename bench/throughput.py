@@ -45,7 +45,17 @@ def _ours(body: Path, out: Path, workers: int, env: dict[str, str]) -> float:
     if out.exists():
         shutil.rmtree(out)
     elapsed, proc = run_cmd(
-        [PYTHON, "-m", "notebookops", "run", str(body), "--out", str(out), "--workers", str(workers)],
+        [
+            PYTHON,
+            "-m",
+            "notebookops",
+            "run",
+            str(body),
+            "--out",
+            str(out),
+            "--workers",
+            str(workers),
+        ],
         env=env,
         cwd=body.parent,
     )
@@ -84,7 +94,9 @@ def run_throughput(report: Report, *, notebooks: int = 8, sleep: float = 1.0, re
         paths = [repo / rel for rel in files]
         body = _message(repo, list(files), root, max_parallel=notebooks)
         own = notebooks * sleep
-        runs: dict[str, list[float]] = {k: [] for k in ("ours2", "nbmake2", "loop", "ours1", "nbmake1")}
+        runs: dict[str, list[float]] = {
+            k: [] for k in ("ours2", "nbmake2", "loop", "ours1", "nbmake1")
+        }
         for i in range(repeats):
             runs["ours2"].append(_ours(body, root / "out", 2, env))
             runs["nbmake2"].append(_nbmake(paths, 2, env, root))
@@ -97,7 +109,10 @@ def run_throughput(report: Report, *, notebooks: int = 8, sleep: float = 1.0, re
                 flush=True,
             )
         s = {k: Sample(v) for k, v in runs.items()}
-        over = {k: Sample([(t - own) / notebooks for t in runs[k]]) for k in ("ours1", "nbmake1", "loop")}
+        over = {
+            k: Sample([(t - own) / notebooks for t in runs[k]])
+            for k in ("ours1", "nbmake1", "loop")
+        }
         r_nb = s["ours2"].median / s["nbmake2"].median
         r_loop = s["ours2"].median / s["loop"].median
         print(f"  {notebooks} x {sleep:g} s notebooks, 2 workers:")

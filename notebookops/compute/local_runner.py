@@ -4,9 +4,19 @@ Started as `python -m notebookops.compute.local_runner RUN_DIR`.
 
 It forks at once and the first process exits after recording the second one's pid, so the run is
 not a child of whoever submitted it (no zombies in the host, and it survives the host's death).
-The remaining process leads its own session, waits for a worker slot, runs the notebook with
-papermill from the notebook's own folder, and writes the verdict to `state.json`.
+The remaining process leads its own session and then, to keep the worker slots busy with notebooks
+rather than with start-up:
 
+1. waits for a standby slot (at most `workers` runs get ready at once, so 500 queued runs do not
+   start 500 kernels),
+2. starts its kernel from the notebook's own folder and imports papermill while the kernel boots,
+   and waits until the kernel answers: this happens while other runs hold the worker slots,
+3. waits for a worker slot (at most `workers` notebooks execute at once) and gives up its standby
+   slot, so the next run starts warming its kernel while this one executes,
+4. runs the notebook with papermill on the warm kernel, writes the verdict to `state.json`, frees
+   its worker slot and only then shuts the kernel down.
+
+A warm kernel that fails to start or dies while waiting is replaced by a fresh start (once).
 Kept to the standard library at import time: papermill is imported only in the detached process.
 """
 
@@ -31,6 +41,9 @@ from notebookops.notebook_errors import extract_error, load_notebook_json, sourc
 ABORT_GRACE_SECONDS = 15.0
 KERNEL_START_TIMEOUT_SECONDS = 60
 SLOTS_DIR = ".slots"
+STANDBY_DIR = ".standby"
+# Graceful kernel shutdown after the verdict (papermill does the same), then the group is killed.
+SHUTDOWN_SECONDS = 5.0
 
 
 class Abort:
@@ -73,11 +86,17 @@ class Abort:
         os.killpg(0, signal.SIGKILL)
 
 
-def _acquire_slot(slots_dir: Path, workers: int, abort: Abort) -> int | None:
-    """Hold one of `workers` slot files under the runs root; the kernel frees it when we exit."""
+def _acquire_slot(
+    slots_dir: Path, workers: int, abort: Abort, max_delay: float = 0.25
+) -> int | None:
+    """Hold one of `workers` slot files under the runs root; the kernel frees it when we exit.
+
+    Waiters poll with a backoff capped at `max_delay`: a worker slot is awaited by warm runs
+    only (at most `workers` of them), so they poll briskly and a freed slot is taken at once.
+    """
     slots_dir.mkdir(exist_ok=True)
     fds = [os.open(slots_dir / f"slot-{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(workers)]
-    delay = 0.02
+    delay = min(0.02, max_delay)
     try:
         while abort.reason is None:
             for fd in fds:
@@ -89,7 +108,7 @@ def _acquire_slot(slots_dir: Path, workers: int, abort: Abort) -> int | None:
                 return fd
             # Waiting only happens when every slot is busy, i.e. notebooks are running anyway.
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.5, max_delay)
         return None
     finally:
         for fd in fds:
@@ -121,8 +140,84 @@ def _kernel_name(config: dict[str, Any], notebook: Path) -> str | None:
     return None if has_kernelspec else "python3"
 
 
-def _execute(config: dict[str, Any], files: RunFiles, abort: Abort) -> BaseException | None:
-    """Run the notebook; retry once when the kernel fails to start. Returns the failure, if any."""
+def _warm_kernel_name(config: dict[str, Any], notebook: Path) -> str:
+    """The kernel papermill would start: the configured one, the notebook's own, else python3."""
+    name = _kernel_name(config, notebook)
+    if name:
+        return name
+    nb = load_notebook_json(notebook) or {}
+    return str(nb["metadata"]["kernelspec"]["name"])
+
+
+async def _launch(km: Any) -> None:
+    from jupyter_core.utils import ensure_async
+
+    # What nbclient passes when it starts a kernel itself: no history database per run.
+    extra = ["--HistoryManager.hist_file=:memory:"] if getattr(km, "ipykernel", False) else []
+    await ensure_async(km.start_kernel(extra_arguments=extra))
+
+
+async def _wait_ready(km: Any, timeout: float) -> None:
+    from jupyter_core.utils import ensure_async
+
+    client = km.client()
+    await ensure_async(client.start_channels())
+    try:
+        await ensure_async(client.wait_for_ready(timeout=timeout))
+    finally:
+        await ensure_async(client.stop_channels())
+
+
+def _warm_kernel(config: dict[str, Any], files: RunFiles, abort: Abort) -> Any | None:
+    """Start this run's kernel before it holds a worker slot; papermill is imported meanwhile.
+
+    Returns the ready kernel manager, or None when the start failed (papermill then starts a
+    kernel itself: that is the one retry).
+    """
+    from jupyter_core.utils import run_sync
+
+    km = None
+    try:
+        name = _warm_kernel_name(config, files.work / config["notebook"])
+        km = _kernel_manager_class(abort)(kernel_name=name)
+        run_sync(_launch)(km)
+        _preload()  # the kernel boots in its own process while this imports papermill
+        run_sync(_wait_ready)(km, KERNEL_START_TIMEOUT_SECONDS)
+        if abort.reason is not None:
+            raise RuntimeError("run stopped while its kernel was starting")
+        return km
+    except Exception as exc:
+        if abort.reason is None:
+            print(f"kernel start failed ({type(exc).__name__}: {exc}); retrying once", flush=True)
+        abort.kill_kernel()
+        abort.kernel_pid = None
+        if km is not None:
+            with contextlib.suppress(Exception):
+                run_sync(_cleanup)(km)
+        _preload()
+        return None
+
+
+async def _cleanup(km: Any) -> None:
+    from jupyter_core.utils import ensure_async
+
+    await ensure_async(km.cleanup_resources())
+
+
+async def _shutdown(km: Any) -> None:
+    from jupyter_core.utils import ensure_async
+
+    if await ensure_async(km.is_alive()):
+        await ensure_async(km.shutdown_kernel(now=False))
+    await ensure_async(km.cleanup_resources())
+
+
+def _execute(
+    config: dict[str, Any], files: RunFiles, abort: Abort, km: Any | None
+) -> BaseException | None:
+    """Run the notebook on the warm kernel `km`, or on a kernel papermill starts (when `km` is
+    None, the warm start already failed once). A kernel that fails to start or dies before the
+    first cell is replaced once. Returns the failure, if any."""
     import papermill  # already loaded by _preload
     from zmq.error import ZMQBaseError
 
@@ -130,13 +225,16 @@ def _execute(config: dict[str, Any], files: RunFiles, abort: Abort) -> BaseExcep
     output = files.output_path(config["notebook"])
     kernel_name = _kernel_name(config, source)
     start_failures = (RuntimeError, TimeoutError, ConnectionError, ZMQBaseError)
-    for attempt in (1, 2):
+    for attempt in (1, 2) if km is not None else (2,):
         cell_started = threading.Event()
 
         def on_cell_start(cell_index: int, **_: Any) -> None:
             abort.current_cell = cell_index
             cell_started.set()  # noqa: B023 (used during this attempt only)
 
+        kernel: dict[str, Any] = (
+            {"km": km} if attempt == 1 else {"kernel_manager_class": _kernel_manager_class(abort)}
+        )
         try:
             papermill.execute_notebook(
                 str(source),
@@ -146,14 +244,15 @@ def _execute(config: dict[str, Any], files: RunFiles, abort: Abort) -> BaseExcep
                 progress_bar=False,
                 log_output=False,
                 start_timeout=KERNEL_START_TIMEOUT_SECONDS,
-                kernel_manager_class=_kernel_manager_class(abort),
                 on_cell_start=on_cell_start,
+                **kernel,
             )
             return None
         except start_failures as exc:
             if cell_started.is_set() or abort.reason is not None or attempt == 2:
                 return exc
             print(f"kernel start failed ({type(exc).__name__}: {exc}); retrying once", flush=True)
+            abort.kill_kernel()
         except Exception as exc:
             return exc
     raise AssertionError("unreachable")
@@ -188,12 +287,19 @@ def run(run_dir: Path) -> int:
     abort = Abort(files)
     signal.signal(signal.SIGTERM, lambda *_: abort.trigger(CANCELED, "canceled on request"))
 
-    _preload()
-    slot = _acquire_slot(Path(config["runsRoot"]) / SLOTS_DIR, int(config["workers"]), abort)
-    if slot is None or not files.mark_running():
+    runs_root, workers = Path(config["runsRoot"]), int(config["workers"])
+    standby = _acquire_slot(runs_root / STANDBY_DIR, workers, abort)
+    if standby is None:
         return 0
-    # Our own process, our own cwd: the notebook sees its folder like it does in Jupyter.
+    # Our own process, our own cwd: the kernel, started from here, sees the notebook's folder
+    # like it does in Jupyter.
     os.chdir((files.work / config["notebook"]).parent)
+    km = _warm_kernel(config, files, abort)
+    slot = _acquire_slot(runs_root / SLOTS_DIR, workers, abort, max_delay=0.01)
+    os.close(standby)  # the next queued run may warm its kernel while this one executes
+    if slot is None or not files.mark_running():
+        abort.kill_kernel()
+        return 0
     timeout = config.get("timeoutSeconds")
     timer = None
     if timeout:
@@ -201,7 +307,7 @@ def run(run_dir: Path) -> int:
         timer = threading.Timer(float(timeout), abort.trigger, args=(TIMED_OUT, message))
         timer.daemon = True
         timer.start()
-    failure = _execute(config, files, abort)
+    failure = _execute(config, files, abort, km)
     if timer is not None:
         timer.cancel()
 
@@ -218,7 +324,18 @@ def run(run_dir: Path) -> int:
     else:
         error = _error_for(failure, output, abort)
         files.finalize(FAILED, f"{error.ename}: {error.evalue}", error.to_dict())
-    abort.kill_kernel()  # a kernel that survived papermill's shutdown must not outlive the run
+    os.close(slot)  # the verdict is on disk: the next notebook may start now
+    if km is not None and abort.reason is None:
+        # Like papermill: ask the kernel to exit (it may flush files), bounded; then kill.
+        from jupyter_core.utils import run_sync
+
+        stopper = threading.Timer(SHUTDOWN_SECONDS, abort.kill_kernel)
+        stopper.daemon = True
+        stopper.start()
+        with contextlib.suppress(Exception):
+            run_sync(_shutdown)(km)
+        stopper.cancel()
+    abort.kill_kernel()  # a kernel that survived the shutdown must not outlive the run
     return 0
 
 
