@@ -34,6 +34,9 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+bench: $(STAMP)
+	$(PY) -m bench
+
 serve: $(STAMP)
 	$(PY) -m notebookops serve
 

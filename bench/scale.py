@@ -138,7 +138,9 @@ def _baseline(
         if not finished:
             host.terminate(instance, "benchmark budget spent")
         wall = time.perf_counter() - started
-        return _figures(host, wall, finished, generations=1)
+        figures = _figures(host, wall, finished, generations=1)
+        figures["storedHistory"] = len(host.history(instance))  # cross-checks the observer
+        return figures
 
 
 def _figures(host: ObservedHost, wall: float, finished: bool, generations: int) -> dict[str, Any]:
