@@ -175,7 +175,7 @@ def run(
     sizes: tuple[int, ...] = (10, 100, 500),
     tiny: bool = False,
     repeats: int | None = None,
-    baseline_budget: float = 15.0,
+    baseline_budget: float = 8.0,
 ) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="nbops-bench-scale-"))
     saved = dict(os.environ)

@@ -65,10 +65,10 @@ def _workers_from_env() -> int:
 class LocalBackend:
     name = "local"
     # A status call is a file read and a warm run starts in a fraction of a second, so poll
-    # briskly: a finished notebook is seen within a second. Rounds stay cheap for the
+    # briskly: a finished notebook is seen within half a second. Rounds stay cheap for the
     # orchestrator (continue_as_new bounds each generation's history), so long runs cost
-    # one small monitor activity per second on this machine.
-    poll_policy = PollPolicy(first_interval_seconds=0.25, factor=1.2, max_interval_seconds=1.0)
+    # two small monitor activities per second on this machine.
+    poll_policy = PollPolicy(first_interval_seconds=0.2, factor=1.2, max_interval_seconds=0.5)
 
     def __init__(
         self,
