@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from devhost import AppIndexError, Host, StateError
-from devhost.events import TASK_SCHEDULED, TIMER_CREATED
+from devhost.events import TASK_COMPLETED, TASK_SCHEDULED, TIMER_CREATED
 from tests.devhost_support import SAMPLE_APP
 
 
@@ -137,7 +137,11 @@ def test_unknown_activity_fails_like_the_real_host(host):
 def test_non_determinism_is_detected_and_names_both_activities(host, tmp_path):
     flag = tmp_path / "switch"
     instance = host.start_new("Shifty", str(flag))
-    _wait_status(host, instance, lambda s: _scheduled(host, instance) == ["Hello"])
+    # Wait until Hello's completion was replayed (the instance now waits for the event):
+    # changing the code any earlier would be caught by that replay instead.
+    _wait_status(host, instance, lambda s: any(
+        e["EventType"] == TASK_COMPLETED for e in host.history(instance)))
+    assert _scheduled(host, instance) == ["Hello"]
     flag.write_text("now call Work instead")
     host.raise_event(instance, "Continue", "null")
     status = host.wait_for(instance, 30)
