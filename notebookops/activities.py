@@ -165,6 +165,7 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
     fetch the executed notebook of each run that finished."""
     from notebookops.compute.base import RunHandle
 
+    _wait_for_change(payload)
     results = []
     for stop in payload.get("cancel", []):
         results.append(_stop(payload["instanceId"], stop))
@@ -215,6 +216,27 @@ def _pipeline_state(client: Any) -> str:
     if state is None:
         return "unknown"
     return "waiting" if state.lower() in ("pending", "inprogress") else "gone"
+
+
+def _wait_for_change(payload: dict[str, Any]) -> None:
+    """Long poll: a backend that can watch its runs waits for a change before the round reads
+    them, instead of the orchestrator sleeping on a timer (see PollPolicy.long_poll_seconds)."""
+    from notebookops.compute.base import RunHandle
+
+    wait = float(payload.get("waitSeconds") or 0)
+    runs = payload.get("runs") or []
+    if wait <= 0 or not runs:
+        return
+    handles = [RunHandle.from_dict(r["handle"]) for r in runs]
+    backend = _backend(handles[0])
+    if hasattr(backend, "wait_for_change"):
+        try:
+            backend.wait_for_change(handles, min(wait, MAX_LONG_POLL_SECONDS))
+        except Exception as exc:  # waiting is an optimisation; the round still reads statuses
+            log.warning("monitor: waiting for a change failed: %s", redact.redact_known(str(exc)))
+
+
+MAX_LONG_POLL_SECONDS = 30.0
 
 
 def _backend(handle: Any) -> Any:

@@ -117,7 +117,10 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
     """Returns True when every notebook is finished, False after continue_as_new."""
     for _ in range(ROUNDS_PER_GENERATION):
         yield from _monitor(
-            context, state, policy.cancellations(state, context.current_utc_datetime)
+            context,
+            state,
+            policy.cancellations(state, context.current_utc_datetime),
+            wait=policy.long_poll_wait(state, context.current_utc_datetime),
         )
         # A failure seen in this round stops the rest now (failFast), not a round later.
         late_stops = policy.cancellations(state, context.current_utc_datetime)
@@ -129,7 +132,8 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
         if policy.all_done(state):
             return True
         state["round"] += 1
-        yield context.create_timer(policy.next_wake(state, context.current_utc_datetime))
+        if not policy.long_polling(state):  # a long-polling monitor already waited
+            yield context.create_timer(policy.next_wake(state, context.current_utc_datetime))
     context.continue_as_new({"state": state})
     return False
 
@@ -139,6 +143,7 @@ def _monitor(
     state: dict[str, Any],
     stops: list[dict[str, Any]],
     poll: bool = True,
+    wait: float = 0.0,
 ) -> Generator:
     stopping = {s["path"] for s in stops}
     runs = [
@@ -158,6 +163,7 @@ def _monitor(
             "runs": runs,
             "cancel": stops,
             "checkPipeline": check,
+            "waitSeconds": wait if poll and not stops else 0.0,
             **_callback(state),
         },
     )

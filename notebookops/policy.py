@@ -230,6 +230,24 @@ def next_wake(state: dict[str, Any], now: datetime) -> datetime:
     return wake
 
 
+def long_polling(state: dict[str, Any]) -> bool:
+    """The backend waits for changes itself (monitor long poll) instead of durable timers."""
+    return float((state.get("pollPolicy") or {}).get("longPollSeconds") or 0) > 0
+
+
+def long_poll_wait(state: dict[str, Any], now: datetime) -> float:
+    """How long the next monitor round may wait for a change: the backend's long poll, but
+    never past the nearest deadline (0 when there is nothing to wait for)."""
+    limit = float((state.get("pollPolicy") or {}).get("longPollSeconds") or 0)
+    if limit <= 0 or not active(state):
+        return 0.0
+    deadlines = [parse(state["deadline"])] + [
+        parse(n["deadline"]) for n in active(state) if n.get("deadline")
+    ]
+    until = (min(deadlines) - now).total_seconds()
+    return round(max(0.0, min(limit, until)), 3)
+
+
 def counts(state: dict[str, Any]) -> dict[str, int]:
     tally = {
         "total": len(state["notebooks"]),

@@ -494,3 +494,28 @@ def test_output_is_not_fetched_before_the_end(tmp_path, runs_dir):
     with pytest.raises(RunNotFinishedError):
         get_backend("local").fetch_output(handle, tmp_path / "o.ipynb")
     assert read_json(run_dir / "state.json")["state"] == "queued"
+
+
+@pytest.mark.slow
+def test_wait_for_change_returns_when_a_run_finishes_not_at_its_timeout(checkout, runs_dir):
+    """The monitor's long poll: a finished run is seen at once, an idle one after the wait."""
+    write_notebook(checkout / "short.ipynb", "import time\ntime.sleep(1)")
+    write_notebook(checkout / "idle.ipynb", "import time\ntime.sleep(300)")
+    backend = get_backend("local")
+    assert backend.poll_policy.long_poll_seconds > 0
+    short = backend.submit(make_spec(checkout, "short.ipynb"))
+    idle = backend.submit(make_spec(checkout, "idle.ipynb"))
+    try:
+        wait_for(lambda: backend.status(idle).state == "running", 60, "the idle run to start")
+        # Waiting on the idle run alone: nothing changes, so the full wait passes.
+        started = time.monotonic()
+        backend.wait_for_change([idle], 0.6)
+        assert time.monotonic() - started >= 0.55
+        # Waiting on both until the short one ends: it returns soon after that state change.
+        while not backend.status(short).terminal:
+            started = time.monotonic()
+            backend.wait_for_change([short, idle], 60)
+            assert time.monotonic() - started < 30
+        assert backend.status(short).state == "succeeded"
+    finally:
+        backend.cancel(idle)

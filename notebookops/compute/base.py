@@ -244,11 +244,18 @@ class RunStatus:
 
 @dataclass(frozen=True)
 class PollPolicy:
-    """How the orchestrator spaces monitor rounds for a backend: a capped geometric backoff."""
+    """How the orchestrator spaces monitor rounds for a backend: a capped geometric backoff.
+
+    A backend that can wait for a state change itself (`wait_for_change`) sets
+    `long_poll_seconds`: the orchestrator then asks each monitor round to wait up to that
+    long for a change instead of sleeping on a durable timer, so a finished run is seen at
+    once rather than at the next poll.
+    """
 
     first_interval_seconds: float
     factor: float
     max_interval_seconds: float
+    long_poll_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.first_interval_seconds <= 0:
@@ -258,6 +265,10 @@ class PollPolicy:
             )
         if self.factor < 1:
             raise ValueError(f"PollPolicy: factor has invalid value {self.factor!r}")
+        if self.long_poll_seconds < 0:
+            raise ValueError(
+                f"PollPolicy: long_poll_seconds has invalid value {self.long_poll_seconds!r}"
+            )
         if self.max_interval_seconds < self.first_interval_seconds:
             raise ValueError(
                 f"PollPolicy: max_interval_seconds has invalid value {self.max_interval_seconds!r}"
@@ -281,6 +292,7 @@ class PollPolicy:
             "firstIntervalSeconds": self.first_interval_seconds,
             "factor": self.factor,
             "maxIntervalSeconds": self.max_interval_seconds,
+            "longPollSeconds": self.long_poll_seconds,
         }
 
     @classmethod
@@ -291,6 +303,7 @@ class PollPolicy:
             first_interval_seconds=float(_require(data, "firstIntervalSeconds", number, where)),
             factor=float(_require(data, "factor", number, where)),
             max_interval_seconds=float(_require(data, "maxIntervalSeconds", number, where)),
+            long_poll_seconds=float(_optional(data, "longPollSeconds", number, where) or 0.0),
         )
 
 
