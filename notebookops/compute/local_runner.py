@@ -119,7 +119,20 @@ def _kernel_manager_class(abort: Abort) -> type:
     from jupyter_client.manager import AsyncKernelManager
 
     class RecordingKernelManager(AsyncKernelManager):
-        """Remembers the kernel's pid: kernels lead their own session, out of the runner's group."""
+        """Remembers the kernel's pid: kernels lead their own session, out of the runner's group.
+
+        It also hands nbclient the client the warm-up already connected and waited for, once:
+        a fresh client's wait_for_ready ends by draining IOPub until 0.2 s pass quietly, which
+        was most of the per-notebook cost left after the kernel start itself.
+        """
+
+        ready_client: Any = None
+
+        def client(self, **kw: Any) -> Any:
+            if self.ready_client is not None:
+                ready, self.ready_client = self.ready_client, None
+                return ready
+            return super().client(**kw)
 
         async def post_start_kernel(self, **kw: Any) -> None:
             pid = getattr(self.provisioner, "pid", None)
@@ -164,8 +177,18 @@ async def _wait_ready(km: Any, timeout: float) -> None:
     await ensure_async(client.start_channels())
     try:
         await ensure_async(client.wait_for_ready(timeout=timeout))
-    finally:
+    except BaseException:
         await ensure_async(client.stop_channels())
+        raise
+
+    # nbclient will start the channels and wait again on the client it gets; this one is
+    # started and ready already (a heartbeat thread cannot even be started twice).
+    async def already_ready(timeout: float | None = None) -> None:
+        return None
+
+    client.start_channels = lambda *args, **kwargs: None
+    client.wait_for_ready = already_ready
+    km.ready_client = client
 
 
 def _warm_kernel(config: dict[str, Any], files: RunFiles, abort: Abort) -> Any | None:
