@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,6 +25,7 @@ from notebookops.compute.base import (
     PollPolicy,
     RunSpec,
 )
+from notebookops.compute.staging import stage_copy
 
 SUBSCRIPTION_SETTING = "AZUREML_SUBSCRIPTION_ID"
 RESOURCE_GROUP_SETTING = "AZUREML_RESOURCE_GROUP"
@@ -226,14 +226,7 @@ def stage_source(spec: RunSpec, dest: Path) -> str:
     if dest.exists():  # left by a submit that died half-way
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source_root, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
-    # A read-only checkout gives a read-only copy, which the v1 runner config must write into.
-    for folder, dirs, names in os.walk(dest):
-        for name in [*dirs, *names]:
-            path = os.path.join(folder, name)
-            mode = os.lstat(path).st_mode
-            if not stat.S_ISLNK(mode) and not mode & stat.S_IWUSR:
-                os.chmod(path, mode | stat.S_IWUSR)
+    stage_copy(source_root, dest)
     return inner.as_posix()
 
 

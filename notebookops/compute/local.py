@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from notebookops.compute.base import (
     RunStatus,
 )
 from notebookops.compute.local_state import RUNNER_MODULE, RunFiles, flocked, write_json_atomic
+from notebookops.compute.staging import stage_copy
 from notebookops.notebook_errors import error_from_file
 
 ALLOW_ENV = "NOTEBOOKOPS_ALLOW_LOCAL_BACKEND"
@@ -109,7 +109,7 @@ class LocalBackend:
             if run_dir.exists():  # left over by a submit that died half-way
                 shutil.rmtree(run_dir)
             run_dir.mkdir()
-            self._stage(source_root, files.work)
+            stage_copy(source_root, files.work)
             files.output_dir.mkdir()
             write_json_atomic(
                 files.run_json,
@@ -169,18 +169,6 @@ class LocalBackend:
         except (TypeError, ValueError) as exc:
             raise PermanentBackendError(f"parameters must be JSON values: {exc}") from None
         return source_root, inner.as_posix()
-
-    @staticmethod
-    def _stage(source_root: Path, work: Path) -> None:
-        """Copy the checkout: the run may write next to its notebook, never into the original."""
-        shutil.copytree(source_root, work, symlinks=True, ignore=shutil.ignore_patterns(".git"))
-        # A read-only checkout gives a read-only copy; the run owns its copy, so make it writable.
-        for folder, dirs, names in os.walk(work):
-            for name in [*dirs, *names]:
-                path = os.path.join(folder, name)
-                mode = os.lstat(path).st_mode
-                if not stat.S_ISLNK(mode) and not mode & stat.S_IWUSR:
-                    os.chmod(path, mode | stat.S_IWUSR)
 
     def _start_runner(self, files: RunFiles) -> None:
         env = dict(os.environ)
