@@ -4,6 +4,8 @@ values converted by azure-functions' own converters, async functions run to comp
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import inspect
 import json
 import threading
@@ -53,7 +55,19 @@ def _event_loop() -> asyncio.AbstractEventLoop:
         if _LOOP is None:
             _LOOP = asyncio.new_event_loop()
             threading.Thread(target=_LOOP.run_forever, name="devhost-async", daemon=True).start()
+            atexit.register(_close_client_session, _LOOP)
         return _LOOP
+
+
+def _close_client_session(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the durable client's shared aiohttp session on its loop at exit (the worker's
+    process just dies; ours would otherwise print 'Unclosed client session')."""
+    from azure.durable_functions.models.utils import http_utils
+
+    close = getattr(http_utils, "_close_session", None)
+    if close is not None and loop.is_running():
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=5)
 
 
 def call(info: FunctionInfo, kwargs: dict[str, Any], app_dir: str) -> Any:
