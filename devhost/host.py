@@ -482,15 +482,7 @@ class Host:
     def raise_event(self, instance_id: str, event_name: str, input_text: str | None) -> None:
         now = self.clock.now()
         with self.store.transaction() as db:
-            row = db.execute(
-                "SELECT runtime_status FROM instances WHERE instance_id=?", (instance_id,)
-            ).fetchone()
-            if row is None:
-                raise HostError(404, f"No instance with ID '{instance_id}' found.")
-            if row[0] in TERMINAL:
-                raise HostError(
-                    410, f"The instance '{instance_id}' is {row[0]}; it takes no events."
-                )
+            _require_live(db, instance_id, "it takes no events")
             db.execute(
                 "INSERT INTO inbox (instance_id, execution_id, visible_at, kind, event) "
                 "VALUES (?, NULL, ?, 'event', ?)",
@@ -505,13 +497,7 @@ class Host:
     def terminate(self, instance_id: str, reason: str | None) -> None:
         now = self.clock.now()
         with self.store.transaction() as db:
-            row = db.execute(
-                "SELECT runtime_status FROM instances WHERE instance_id=?", (instance_id,)
-            ).fetchone()
-            if row is None:
-                raise HostError(404, f"No instance with ID '{instance_id}' found.")
-            if row[0] in TERMINAL:
-                raise HostError(410, f"The instance '{instance_id}' is already {row[0]}.")
+            _require_live(db, instance_id, "it cannot be terminated")
             seq = db.execute(
                 "SELECT COALESCE(MAX(seq) + 1, 0) FROM history WHERE instance_id=?", (instance_id,)
             ).fetchone()[0]
@@ -698,6 +684,17 @@ class Host:
 
     def invoke_http(self, info: FunctionInfo, request: Any) -> Any:
         return call(info, self._kwargs(info, request), str(self.app_dir))
+
+
+def _require_live(db: Any, instance_id: str, why: str) -> None:
+    """404 for an unknown instance, 410 for a finished one, as the durable HTTP API answers."""
+    row = db.execute(
+        "SELECT runtime_status FROM instances WHERE instance_id=?", (instance_id,)
+    ).fetchone()
+    if row is None:
+        raise HostError(404, f"No instance with ID '{instance_id}' found.")
+    if row[0] in TERMINAL:
+        raise HostError(410, f"The instance '{instance_id}' is already {row[0]}; {why}.")
 
 
 def _purge(db: Any, instance_id: str) -> int:
