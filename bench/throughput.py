@@ -104,25 +104,19 @@ def run_throughput(report: Report, *, notebooks: int = 8, sleep: float = 1.0, re
         paths = [repo / rel for rel in files]
         body = _message(repo, list(files), root, max_parallel=notebooks)
         own = notebooks * sleep
-        runs: dict[str, list[float]] = {
-            k: [] for k in ("ours2", "nbmake2", "loop", "ours1", "nbmake1")
-        }
+        runs: dict[str, list[float]] = {k: [] for k in ("ours2", "nbmake2", "loop", "ours1")}
         for i in range(repeats):
             runs["ours2"].append(_ours(body, root / "out", 2, env))
             runs["nbmake2"].append(_nbmake(paths, 2, env, root))
             runs["loop"].append(_papermill_loop(paths, root / "pm" / str(i), env))
             runs["ours1"].append(_ours(body, root / "out", 1, env))
-            runs["nbmake1"].append(_nbmake(paths, None, env, root))
             print(
                 f"  rep {i + 1}/{repeats}: "
                 + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items()),
                 flush=True,
             )
         s = {k: Sample(v) for k, v in runs.items()}
-        over = {
-            k: Sample([(t - own) / notebooks for t in runs[k]])
-            for k in ("ours1", "nbmake1", "loop")
-        }
+        over = {k: Sample([(t - own) / notebooks for t in runs[k]]) for k in ("ours1", "loop")}
         r_nb = s["ours2"].median / s["nbmake2"].median
         r_loop = s["ours2"].median / s["loop"].median
         print(f"  {notebooks} x {sleep:g} s notebooks, 2 workers:")
@@ -131,7 +125,6 @@ def run_throughput(report: Report, *, notebooks: int = 8, sleep: float = 1.0, re
         print(f"    papermill loop       {s['loop'].fmt()}   ours/loop {r_loop:.2f}x")
         print("  per-notebook overhead, 1 worker (wall - own time) / notebooks:")
         print(f"    notebookops run      {over['ours1'].fmt(3)}")
-        print(f"    pytest --nbmake      {over['nbmake1'].fmt(3)}")
         print(f"    papermill loop       {over['loop'].fmt(3)}")
         tag = f"{notebooks}x{sleep:g}s"
         report.add(
@@ -152,12 +145,15 @@ def run_throughput(report: Report, *, notebooks: int = 8, sleep: float = 1.0, re
             "faster (< 1x)",
             r_loop < 1.0,
         )
-        ratio_o = over["ours1"].median / over["nbmake1"].median
+        # The sequential baseline is the papermill loop (one notebook at a time, like one
+        # worker); a sequential nbmake run cost 2 more minutes per `make bench` and the issue
+        # gives nbmake's figure (about 0.85 s) anyway.
+        ratio_o = over["ours1"].median / over["loop"].median
         report.add(
             "1 throughput",
-            "per-notebook overhead, 1 worker vs nbmake (no xdist)",
+            "per-notebook overhead, 1 worker vs papermill loop",
             over["ours1"].fmt(3),
-            over["nbmake1"].fmt(3),
+            over["loop"].fmt(3),
             f"{ratio_o:.2f}x",
             "<= 0.5 s",
             over["ours1"].median <= 0.5,
