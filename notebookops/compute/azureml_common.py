@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from notebookops import redact
@@ -25,7 +25,7 @@ from notebookops.compute.base import (
     PollPolicy,
     RunSpec,
 )
-from notebookops.compute.staging import stage_copy
+from notebookops.compute.staging import resolve_source, stage_copy
 
 SUBSCRIPTION_SETTING = "AZUREML_SUBSCRIPTION_ID"
 RESOURCE_GROUP_SETTING = "AZUREML_RESOURCE_GROUP"
@@ -197,37 +197,12 @@ def stage_source(spec: RunSpec, dest: Path) -> str:
     The copy is what the SDKs upload and what azureml-contrib-notebook writes into, so the
     shared read-only checkout is never touched.
     """
-    checkout = Path(spec.checkout)
-    if not checkout.is_absolute() or not checkout.is_dir():
-        raise PermanentBackendError(
-            f"checkout must be an existing absolute folder, got {spec.checkout!r}"
-        )
-    source_dir = spec.compute.get("sourceDirectory") or "."
-    notebook = PurePosixPath(spec.notebook)
-    for name, value in (
-        ("notebook", notebook),
-        ("compute.sourceDirectory", PurePosixPath(source_dir)),
-    ):
-        if value.is_absolute() or ".." in value.parts:
-            raise PermanentBackendError(
-                f"{name} must be a path inside the checkout, got {str(value)!r}"
-            )
-    try:
-        inner = notebook.relative_to(PurePosixPath(source_dir))
-    except ValueError:
-        raise PermanentBackendError(
-            f"notebook {spec.notebook!r} is not inside compute.sourceDirectory {source_dir!r}"
-        ) from None
-    source_root = checkout / source_dir
-    if not (source_root / inner).is_file():
-        raise PermanentBackendError(
-            f"notebook {spec.notebook!r} does not exist in the checkout at commit {spec.commit!r}"
-        )
+    source_root, inner = resolve_source(spec)
     if dest.exists():  # left by a submit that died half-way
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage_copy(source_root, dest)
-    return inner.as_posix()
+    return inner
 
 
 def one_line(text: Any, limit: int = 600) -> str:

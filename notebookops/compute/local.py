@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from notebookops.compute.base import (
@@ -34,7 +34,7 @@ from notebookops.compute.base import (
     RunStatus,
 )
 from notebookops.compute.local_state import RUNNER_MODULE, RunFiles, flocked, write_json_atomic
-from notebookops.compute.staging import stage_copy
+from notebookops.compute.staging import resolve_source, stage_copy
 from notebookops.notebook_errors import error_from_file
 
 ALLOW_ENV = "NOTEBOOKOPS_ALLOW_LOCAL_BACKEND"
@@ -134,30 +134,7 @@ class LocalBackend:
                 f"run_key must be lowercase letters, digits, '-' or '_', start with a letter and "
                 f"be at most 64 characters, got {spec.run_key!r}"
             )
-        checkout = Path(spec.checkout)
-        if not checkout.is_absolute() or not checkout.is_dir():
-            raise PermanentBackendError(
-                f"checkout must be an existing absolute folder, got {spec.checkout!r}"
-            )
-        source_dir = spec.compute.get("sourceDirectory") or "."
-        notebook = PurePosixPath(spec.notebook)
-        for name, value in (("notebook", notebook), ("sourceDirectory", PurePosixPath(source_dir))):
-            if value.is_absolute() or ".." in value.parts:
-                raise PermanentBackendError(
-                    f"{name} must be a path inside the checkout, got {str(value)!r}"
-                )
-        source_root = checkout / source_dir
-        try:
-            inner = notebook.relative_to(PurePosixPath(source_dir))
-        except ValueError:
-            raise PermanentBackendError(
-                f"notebook {spec.notebook!r} is not inside sourceDirectory {source_dir!r}"
-            ) from None
-        if not (source_root / inner).is_file():
-            raise PermanentBackendError(
-                f"notebook {spec.notebook!r} does not exist in the checkout "
-                f"at commit {spec.commit!r}"
-            )
+        source_root, inner = resolve_source(spec)
         if spec.timeout_seconds is not None and not spec.timeout_seconds > 0:
             raise PermanentBackendError(
                 f"timeout_seconds must be positive, got {spec.timeout_seconds!r}"
@@ -168,7 +145,7 @@ class LocalBackend:
             json.dumps(spec.parameters)
         except (TypeError, ValueError) as exc:
             raise PermanentBackendError(f"parameters must be JSON values: {exc}") from None
-        return source_root, inner.as_posix()
+        return source_root, inner
 
     def _start_runner(self, files: RunFiles) -> None:
         env = dict(os.environ)

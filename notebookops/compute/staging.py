@@ -7,7 +7,41 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from notebookops.compute.base import PermanentBackendError, RunSpec
+
+
+def resolve_source(spec: RunSpec) -> tuple[Path, str]:
+    """The folder a run copies (the checkout, or `compute.sourceDirectory` in it) and the
+    notebook's POSIX path inside that folder; bad paths are permanent errors naming them."""
+    checkout = Path(spec.checkout)
+    if not checkout.is_absolute() or not checkout.is_dir():
+        raise PermanentBackendError(
+            f"checkout must be an existing absolute folder, got {spec.checkout!r}"
+        )
+    source_dir = spec.compute.get("sourceDirectory") or "."
+    notebook = PurePosixPath(spec.notebook)
+    for name, value in (
+        ("notebook", notebook),
+        ("compute.sourceDirectory", PurePosixPath(source_dir)),
+    ):
+        if value.is_absolute() or ".." in value.parts:
+            raise PermanentBackendError(
+                f"{name} must be a path inside the checkout, got {str(value)!r}"
+            )
+    try:
+        inner = notebook.relative_to(PurePosixPath(source_dir))
+    except ValueError:
+        raise PermanentBackendError(
+            f"notebook {spec.notebook!r} is not inside compute.sourceDirectory {source_dir!r}"
+        ) from None
+    source_root = checkout / source_dir
+    if not (source_root / inner).is_file():
+        raise PermanentBackendError(
+            f"notebook {spec.notebook!r} does not exist in the checkout at commit {spec.commit!r}"
+        )
+    return source_root, inner.as_posix()
 
 
 def stage_copy(source: Path, dest: Path) -> None:
