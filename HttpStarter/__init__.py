@@ -8,14 +8,13 @@ from urllib.parse import urlsplit
 import azure.durable_functions as df
 import azure.functions as func
 
-from bindings_compat import AuthLevel, Method
 from notebookops.starter import InvalidMessage, start_from_message
 
 bp = df.Blueprint()
 
 
 @bp.function_name("HttpStarter")
-@bp.route(route="runs", methods=[Method.post], auth_level=AuthLevel.function)
+@bp.route(route="runs", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 @bp.durable_client_input(client_name="client")
 async def http_starter(
     req: func.HttpRequest, client: df.DurableOrchestrationClient

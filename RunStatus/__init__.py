@@ -5,14 +5,13 @@ import json
 import azure.durable_functions as df
 import azure.functions as func
 
-from bindings_compat import AuthLevel, Method
 from notebookops.status import run_view
 
 bp = df.Blueprint()
 
 
 @bp.function_name("RunStatus")
-@bp.route(route="runs/{instanceId}", methods=[Method.get], auth_level=AuthLevel.function)
+@bp.route(route="runs/{instanceId}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 @bp.durable_client_input(client_name="client")
 async def run_status(
     req: func.HttpRequest, client: df.DurableOrchestrationClient

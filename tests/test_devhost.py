@@ -139,8 +139,11 @@ def test_non_determinism_is_detected_and_names_both_activities(host, tmp_path):
     instance = host.start_new("Shifty", str(flag))
     # Wait until Hello's completion was replayed (the instance now waits for the event):
     # changing the code any earlier would be caught by that replay instead.
-    _wait_status(host, instance, lambda s: any(
-        e["EventType"] == TASK_COMPLETED for e in host.history(instance)))
+    _wait_status(
+        host,
+        instance,
+        lambda s: any(e["EventType"] == TASK_COMPLETED for e in host.history(instance)),
+    )
     assert _scheduled(host, instance) == ["Hello"]
     flag.write_text("now call Work instead")
     host.raise_event(instance, "Continue", "null")

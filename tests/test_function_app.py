@@ -15,8 +15,9 @@ TOOL = ROOT.parent / "shared" / "tools" / "validate_function_app.py"
 
 @pytest.mark.skipif(not TOOL.is_file(), reason="shared/tools is not beside this clone")
 def test_function_app_validates_against_the_schemas():
-    result = subprocess.run([sys.executable, str(TOOL)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(TOOL)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert "0 problem(s)" in result.stdout, result.stdout + result.stderr
     assert result.returncode == 0
 
@@ -28,7 +29,8 @@ def test_indexing_imports_no_azure_ml_sdk_papermill_or_git():
         " if m in sys.modules]\n"
         "print(len(function_app.app.get_functions()), heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "8 []"
