@@ -101,6 +101,24 @@ def test_bad_contract_input_names_the_field_and_value():
         RunSpec.from_dict({"runKey": "k", "instanceId": "i", "notebook": "n", "checkout": "/c"})
     with pytest.raises(ValueError, match=r"'state' has invalid value 'done'"):
         RunStatus("done", "done")
+    # A time without an offset would shift a deadline by the host's UTC offset: refused.
+    with pytest.raises(ValueError, match=r"'startedAt' has invalid value '2026-01-01T00:00:00'"):
+        RunStatus("running", "Running", started_at="2026-01-01T00:00:00")
+    with pytest.raises(ValueError, match=r"'endedAt' has invalid value 'yesterday'"):
+        RunStatus.from_dict({"state": "failed", "rawStatus": "Failed", "endedAt": "yesterday"})
+
+
+def test_status_times_parse_as_utc_whatever_the_offset_or_precision():
+    from datetime import UTC, datetime
+
+    from notebookops.compute.base import parse_iso
+
+    expected = datetime(2026, 1, 31, 12, 0, 5, 476926, tzinfo=UTC)
+    # Azure ML v1 gives 7 fractional digits, v2 an offset, the local backend milliseconds.
+    assert parse_iso("2026-01-31T12:00:05.4769265Z") == expected
+    assert parse_iso("2026-01-31T14:00:05.476926+02:00") == expected
+    assert parse_iso("2026-01-31T12:00:05.123Z") == expected.replace(microsecond=123000)
+    assert parse_iso("2026-01-31T12:00:05") is None and parse_iso("soon") is None
 
 
 def test_poll_policy_backs_off_up_to_its_cap():

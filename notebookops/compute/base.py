@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -98,6 +99,9 @@ class RunSpec:
     checkout: str  # absolute path of a local checkout at `commit`
     commit: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    # The notebook's own limit, counted from when it starts executing (RunStatus.started_at),
+    # never from submission. A backend that can enforce it reports `timedOut` itself, with the
+    # cell that was running; the orchestrator stops the run only after a grace period on top.
     timeout_seconds: float | None = None
     compute: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
@@ -201,18 +205,36 @@ class RunError:
 
 @dataclass
 class RunStatus:
-    """A normalised snapshot of a run. `raw_status` is the backend's own word for it."""
+    """A normalised snapshot of a run. `raw_status` is the backend's own word for it.
+
+    `state` is `queued` for as long as the notebook does not execute: waiting in a service's
+    queue, for a cluster to scale up, an image to build, a local worker slot or its kernel.
+    It is `running` once the notebook executes, and then `started_at` says since when.
+
+    - `started_at`: when execution began (ISO 8601, UTC, e.g. `2026-01-31T12:00:05.123Z`);
+      None while queued and for a run that never started. Per-notebook deadlines count from
+      it, and `durationSeconds` is measured from it. A backend that cannot tell leaves it None
+      once running: the orchestrator then counts from the first round that saw `running`.
+    - `ended_at`: when the run reached its terminal state (same format), if known.
+    """
 
     state: str
     raw_status: str
     error: RunError | None = None
-    started_at: str | None = None  # ISO 8601 UTC
+    started_at: str | None = None
     ended_at: str | None = None
     message: str | None = None
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
             raise ValueError(f"RunStatus: field 'state' has invalid value {self.state!r}")
+        for name in ("started_at", "ended_at"):
+            value = getattr(self, name)
+            if value is not None and parse_iso(value) is None:
+                raise ValueError(
+                    f"RunStatus: field {_camel(name)!r} has invalid value {value!r} "
+                    "(expected an ISO 8601 time with a UTC offset or Z)"
+                )
 
     @property
     def terminal(self) -> bool:
@@ -240,6 +262,23 @@ class RunStatus:
             ended_at=_optional(data, "endedAt", str, where),
             message=_optional(data, "message", str, where),
         )
+
+
+def parse_iso(text: str) -> datetime | None:
+    """An ISO 8601 time with an offset (`Z` included) as an aware datetime; None when `text` is
+    not one. Naive times are refused: mixing them with UTC would shift a deadline by hours."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return value.astimezone(UTC) if value.tzinfo is not None else None
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 @dataclass(frozen=True)
