@@ -46,14 +46,13 @@ def read_properties(path: str | None) -> dict[str, Any] | None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from notebookops.request import inspect_message
+    from notebookops.message_file import inspect_message_file
 
     properties = read_properties(args.properties)
     try:
-        body = Path(args.body).read_bytes()
+        request, _, errors = inspect_message_file(args.body, properties)
     except OSError as exc:
         raise UsageError(f"cannot read message body {args.body}: {exc.strerror or exc}") from None
-    request, _, errors = inspect_message(body, properties=properties)
     if errors or request is None:
         for error in errors:
             print(error, file=sys.stderr)
@@ -154,6 +153,12 @@ def add_serve_command(subparsers: Subparsers) -> None:
         "/runtime/webhooks/durabletask/ and HTTP functions under /api/.",
     )
     add_serve_arguments(parser, default_app=None)
+    parser.add_argument(
+        "--allow-local-repos",
+        action="store_true",
+        help="accept local paths and file:// repository URLs (anyone who can reach the port "
+        "could then clone this machine's folders); `run` always accepts them",
+    )
     parser.set_defaults(handler=_serve)
 
 

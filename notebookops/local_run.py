@@ -19,17 +19,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from notebookops import sealing
+from notebookops.message_file import command_line_settings, read_message_file
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 TERMINAL = {"Completed", "Failed", "Terminated", "Canceled"}
 
 
-def local_environment(state_dir: Path, workers: int | None = None) -> None:
+def local_environment(
+    state_dir: Path, workers: int | None = None, *, allow_local_repos: bool = True
+) -> None:
     """The settings the deployed app never has: local repos and the local backend allowed."""
-    os.environ["NOTEBOOKOPS_ALLOW_LOCAL_REPOS"] = "1"
+    command_line_settings()
+    if not allow_local_repos:
+        # `serve` answers whoever reaches its port: file:///etc is theirs only on request.
+        os.environ.pop("NOTEBOOKOPS_ALLOW_LOCAL_REPOS", None)
     os.environ["NOTEBOOKOPS_ALLOW_LOCAL_BACKEND"] = "1"
-    os.environ.setdefault("NOTEBOOKOPS_DEFAULT_BACKEND", "local")
     # Runs and outputs live with the state, so a reused --state resumes the same runs and a
     # fresh one never finds old runs under the same ids.
     os.environ["NOTEBOOKOPS_LOCAL_RUNS_DIR"] = str(state_dir / "runs")
@@ -42,28 +47,6 @@ def local_environment(state_dir: Path, workers: int | None = None) -> None:
             key_file.write_text(sealing.new_key())
             key_file.chmod(0o600)
         os.environ["NOTEBOOKOPS_SECRET_KEY"] = key_file.read_text().strip()
-
-
-def resolve_local_url(body: bytes, base: Path) -> bytes:
-    """A relative repository.url in a message file means a folder next to that file."""
-    from notebookops.datacontract import decode_body
-
-    try:
-        data = json.loads(decode_body(body))
-    except ValueError:
-        return body  # let validation report it
-    repo = data.get("repository") if isinstance(data, dict) else None
-    url = repo.get("url") if isinstance(repo, dict) else None
-    if (
-        isinstance(url, str)
-        and url
-        and "://" not in url
-        and not url.startswith("/")
-        and "@" not in url.split("/")[0]
-    ):
-        repo["url"] = str((base / url).resolve())
-        return json.dumps(data).encode()
-    return body
 
 
 class Progress:
@@ -135,12 +118,11 @@ def run(
     from notebookops.request import inspect_message
     from notebookops.starter import instance_id_for
 
-    body_file = Path(body_path)
-    body = resolve_local_url(body_file.read_bytes(), body_file.resolve().parent)
+    body = read_message_file(body_path)
     state_dir = Path(state) if state else Path(tempfile.mkdtemp(prefix="notebookops-"))
     state_dir.mkdir(parents=True, exist_ok=True)
     local_environment(state_dir.resolve(), workers)
-    request, callback, errors = inspect_message(body, properties=properties)
+    request, callback, errors = inspect_message(body, properties=properties, allow_local_repos=True)
     if errors:
         for error in errors:
             print(error, file=sys.stderr)
@@ -227,7 +209,18 @@ def serve(args: Any) -> int:
 
     state_dir = Path(args.state).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    local_environment(state_dir)
+    local_environment(state_dir, allow_local_repos=args.allow_local_repos)
+    if args.allow_local_repos:
+        note = (
+            "local repositories allowed (--allow-local-repos): anyone who can reach "
+            f"{args.host}:{args.port} can have this machine clone and run its folders"
+        )
+    else:
+        note = (
+            "local repositories (paths, file:// URLs) refused; start with --allow-local-repos "
+            "to allow them"
+        )
+    print(f"notebookops serve: {note}", file=sys.stderr, flush=True)
     return run_server(str(APP_ROOT), args)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import json
 import keyword
 import math
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from notebookops.datacontract import decode_body
 from notebookops.redact import MASK, is_secret_key, redact, redact_mapping
@@ -59,6 +60,7 @@ MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 MAX_PARALLEL = 500
 MAX_PARAMETER_DEPTH = 32
 _SHOWN_VALUE_CHARS = 80
+MIN_SECRET_CHARS = 4
 
 # Property name -> (Callback attribute, camelCase key in the body's devops object)
 _CALLBACK_FIELDS: dict[str, tuple[str, str]] = {
@@ -80,7 +82,7 @@ _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 _HUB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _COMMIT = re.compile(r"[0-9a-f]{7,40}|[0-9a-f]{64}", re.IGNORECASE)
-_SCP_LIKE = re.compile(r"[A-Za-z0-9._~-]+@[A-Za-z0-9][A-Za-z0-9.-]*:[^-].*")
+_SCP_LIKE = re.compile(r"(?P<user>[A-Za-z0-9._~%-]+)@[A-Za-z0-9][A-Za-z0-9.-]*:[^-].*")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
 _RESOURCE_GROUP = re.compile(r"[-\w.()]{0,89}[-\w()]", re.ASCII)
@@ -270,13 +272,17 @@ def inspect_message(
     properties: Mapping[str, Any] | None = None,
     headers: Mapping[str, Any] | None = None,
     default_backend: str | None = None,
+    allow_local_repos: bool | None = None,
 ) -> tuple[RunRequest | None, Callback | None, list[str]]:
     """Never raises for bad input: (request or None, callback if readable, errors).
 
     The callback is returned even when the body is invalid so the pipeline can be told
-    ``failed`` with the errors instead of waiting for its timeout.
+    ``failed`` with the errors instead of waiting for its timeout. ``allow_local_repos``
+    None reads the app setting; the command line passes True.
     """
-    allow_local = os.environ.get(ALLOW_LOCAL_REPOS_ENV, "").strip() == "1"
+    allow_local = allow_local_repos
+    if allow_local is None:
+        allow_local = os.environ.get(ALLOW_LOCAL_REPOS_ENV, "").strip() == "1"
     if default_backend is None:
         default_backend = os.environ.get(DEFAULT_BACKEND_ENV, "").strip() or None
         backend_origin = DEFAULT_BACKEND_ENV
@@ -575,13 +581,22 @@ def _boolean(value: Any, path: str, problems: _Problems) -> bool | None:
     return value
 
 
+def _in_range(value: Any, low: float, high: float, *, low_open: bool = False) -> bool:
+    """A JSON number within [low, high] (or (low, high]), compared before any float().
+
+    Python ints are unbounded, so float(10**400) would raise OverflowError; a comparison of
+    an int with a float is exact and never raises. 1e999 decodes to inf and -0.0 is not
+    above 0, so neither passes.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
+
+
 def _minutes(value: Any, path: str, problems: _Problems) -> float | None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= MAX_TIMEOUT_MINUTES
-    ):
+    if not _in_range(value, 0, MAX_TIMEOUT_MINUTES, low_open=True):
         problems.add(
             path, f"must be a positive number of minutes, at most {MAX_TIMEOUT_MINUTES}", value
         )
@@ -729,53 +744,140 @@ def _parse_repository(
 
 
 def _repository_url(value: Any, path: str, problems: _Problems, allow_local: bool) -> str | None:
+    """The URL git is given, or None; the rules are listed in README "The message".
+
+    Every refusal shows the URL with its user part masked, and nothing here lets a value that
+    git could read as an option (a leading ``-`` in a host, user or path) through.
+    """
     if value is None:
         problems.add(path, "is required")
         return None
     if not isinstance(value, str) or not value:
         problems.add(path, "must be a non-empty string", value)
         return None
-    if len(value) > 2048 or any(char.isspace() for char in value) or _has_control_chars(value):
+    shown = _mask_url_user(value)
+    if (
+        len(value) > 2048
+        or any(char.isspace() for char in value)
+        or _has_control_chars(value)
+        or _has_control_chars(unquote(value))
+    ):
         problems.add(path, "must be at most 2048 characters without spaces or control characters")
         return None
     lower = value.lower()
     if lower.startswith(("https://", "ssh://", "http://")):
-        try:
-            parts = urlsplit(value)
-            host, password = parts.hostname, parts.password
-        except ValueError:
-            host, password = None, None
-        if password:
-            problems.secrets.append(password)
-            problems.add(
-                path,
-                "must not embed credentials; the app authenticates to git on its own",
-                value,
-            )
+        return _network_url(value, shown, path, problems)
+    scp = _SCP_LIKE.fullmatch(value)
+    if scp:
+        if scp["user"].startswith("-") or "%" in scp["user"]:
+            problems.add(path, "has a user name git could read as an option or a credential", shown)
             return None
-        if lower.startswith("http://"):
-            problems.add(path, "must use https:// (or ssh), not http://", value)
-            return None
-        if not host:
-            problems.add(path, "has no host name", value)
-            return None
-        return value
-    if _SCP_LIKE.fullmatch(value) and not value.startswith("-"):
         return value
     if lower.startswith("file://") or value.startswith("/"):
         if not allow_local:
             problems.add(
                 path,
                 f"local repositories are allowed only when {ALLOW_LOCAL_REPOS_ENV}=1",
-                value,
+                shown,
             )
             return None
-        if lower.startswith("file://") and not urlsplit(value).path:
-            problems.add(path, "file:// URL has no path", value)
-            return None
+        if lower.startswith("file://"):
+            parts = urlsplit(value)
+            if parts.netloc not in ("", "localhost"):
+                problems.add(path, "file:// URL must not name a host", shown)
+                return None
+            if not parts.path:
+                problems.add(path, "file:// URL has no path", shown)
+                return None
         return value
-    problems.add(path, "must be an https:// URL, ssh://host/path or git@host:path", value)
+    if "@" in value.split("/")[0] and ":" in value.split("@")[0]:
+        problems.add(path, _CREDENTIALS_IN_URL, shown)
+        return None
+    problems.add(path, "must be an https:// URL, ssh://host/path or git@host:path", shown)
     return None
+
+
+_CREDENTIALS_IN_URL = (
+    "must not embed credentials (a token, user name or password); the app authenticates to "
+    "git on its own (NOTEBOOKOPS_GIT_TOKEN or the pipeline token)"
+)
+
+
+def _mask_url_user(value: str) -> str:
+    """The URL as errors show it: anything before the host's ``@`` replaced by the mask."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "", value
+    authority, slash, tail = rest.partition("/")
+    if "@" not in authority:
+        return value
+    masked = MASK + authority[authority.rindex("@") :] + slash + tail
+    return f"{scheme}://{masked}" if sep else masked
+
+
+def _network_url(value: str, shown: str, path: str, problems: _Problems) -> str | None:
+    try:
+        parts = urlsplit(value)
+        host, user, password = parts.hostname, parts.username, parts.password
+    except ValueError:
+        problems.add(path, "is not a valid URL (check the brackets around an IPv6 address)", shown)
+        return None
+    if user is not None or password is not None:
+        userinfo = parts.netloc.rpartition("@")[0]
+        # The shown URL is masked already; these also mask any other echo of the parts (a
+        # one-letter user name would mask every such letter in the line, so short ones not).
+        candidates = {userinfo, unquote(userinfo), user, password, unquote(password or "")}
+        problems.secrets.extend(s for s in candidates if s and len(s) >= MIN_SECRET_CHARS)
+        scheme = parts.scheme.lower()
+        if password is None and scheme == "ssh" and _SSH_USER.fullmatch(user or ""):
+            pass  # ssh://git@host/path: the account name, authenticated by a key
+        elif password is None and _is_devops_org_user(parts):
+            # https://org@dev.azure.com/org/...: Azure DevOps' own clone URL names the
+            # organization, not a credential; it is taken out so git never asks for it.
+            value = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        else:
+            problems.add(path, _CREDENTIALS_IN_URL, shown)
+            return None
+    if value.lower().startswith("http://"):
+        problems.add(path, "must use https:// (or ssh), not http://", shown)
+        return None
+    if not host:
+        problems.add(path, "has no host name", shown)
+        return None
+    if not _host_name_ok(host, parts.netloc):
+        problems.add(path, "must name a host of letters, digits, dots and dashes", shown)
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        problems.add(path, "must have a port from 1 to 65535", shown)
+        return None
+    if parts.path.lstrip("/").startswith("-"):
+        problems.add(path, "must not have a path that begins with -", shown)
+        return None
+    return value
+
+
+_SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
+
+
+def _host_name_ok(host: str, netloc: str) -> bool:
+    if "[" in netloc:
+        try:
+            return ipaddress.ip_address(host).version == 6
+        except ValueError:
+            return False
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+
+
+def _is_devops_org_user(parts: Any) -> bool:
+    first = parts.path.lstrip("/").split("/")[0]
+    return (parts.hostname or "") == "dev.azure.com" and (parts.username or "").lower() == (
+        unquote(first).lower()
+    )
 
 
 def _git_ref(value: Any, path: str, problems: _Problems) -> str | None:

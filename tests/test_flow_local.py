@@ -158,12 +158,14 @@ def test_host_killed_mid_run_resumes_without_rerunning_finished_notebooks(tmp_pa
 
     def serve() -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "notebookops", "serve", "--port", "0", "--state", str(state)],
+            [
+                *(sys.executable, "-m", "notebookops", "serve", "--port", "0"),
+                *("--state", str(state), "--allow-local-repos"),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, "NOTEBOOKOPS_ALLOW_LOCAL_REPOS": "1"},
         )
         line = proc.stdout.readline()
         assert line.startswith("devhost listening on "), line

@@ -6,6 +6,7 @@ import base64
 import json
 import pickle
 import uuid
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given, settings
@@ -297,11 +298,20 @@ def test_unreadable_bodies(raw, problem):
 
 def test_repository_url_forms(monkeypatch):
     for url in [
-        "https://org@dev.azure.com/org/proj/_git/repo",
+        "https://dev.azure.com/org/proj/_git/repo",
         "ssh://git@ssh.dev.azure.com/v3/org/proj/repo",
         "git@github.com:org/repo.git",
+        "git@host:/srv/repo.git",
+        "https://[2001:db8::1]:8443/r",
+        "ssh://git@host.example:2222/r",
     ]:
         assert parse_request(body(repository={"url": url})).repository_url == url
+    # Azure DevOps' own clone URL names the organization in the user part: not a credential,
+    # and taken out so nothing downstream ever sees a user part.
+    org_form = "https://org@dev.azure.com/org/proj/_git/repo"
+    assert parse_request(body(repository={"url": org_form})).repository_url == (
+        "https://dev.azure.com/org/proj/_git/repo"
+    )
     (error,) = errors_of(body(repository={"url": "/srv/repos/x"}))
     assert "local repositories are allowed only when NOTEBOOKOPS_ALLOW_LOCAL_REPOS=1" in error
     (error,) = errors_of(body(repository={"url": "ftp://h/r"}))
@@ -314,6 +324,70 @@ def test_repository_url_forms(monkeypatch):
 def test_credentials_in_repository_url_are_rejected_without_echoing_them():
     (error,) = errors_of(body(repository={"url": "https://me:hunter2pat@dev.azure.com/o/p/_git/r"}))
     assert "must not embed credentials" in error and "hunter2pat" not in error
+
+
+SECRET = "s3cr3tPATvalue0123456789"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # A user-only token: the common way to pass an Azure DevOps PAT.
+        (f"https://{SECRET}@dev.azure.com/org/proj/_git/repo", "https://***@dev.azure.com/org"),
+        (f"https://me:{SECRET}@dev.azure.com/o/p/_git/r", "https://***@dev.azure.com/o/p"),
+        # Percent-encoded, in the user part and in the password.
+        (f"https://{SECRET[:6]}%3A{SECRET[6:]}@host.example/r", "https://***@host.example/r"),
+        (f"https://x:{SECRET[:6]}%40{SECRET[6:]}@host.example/r", "https://***@host.example/r"),
+        # A user on dev.azure.com that is not the organization of the path.
+        (f"https://{SECRET}@dev.azure.com/org/p/_git/r", "https://***@dev.azure.com/org/p"),
+        (f"ssh://git:{SECRET}@host.example/r", "ssh://***@host.example/r"),
+        (f"git:{SECRET}@host.example:org/r", "***@host.example:org/r"),
+    ],
+)
+def test_every_credential_form_is_refused_with_the_url_masked(url, shown):
+    request, _, errors = inspect_message(json.dumps(body(repository={"url": url})))
+    assert request is None
+    (error,) = errors
+    assert error.startswith("repository.url: must not embed credentials"), error
+    assert shown in error
+    for form in (SECRET, SECRET[:6], SECRET[6:], quote(SECRET)):
+        assert form not in error
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("ssh://-oProxyCommand=touch%20x/r", "must name a host of letters, digits, dots"),
+        ("https://-host.example/r", "must name a host of letters, digits, dots"),
+        ("ssh://host.example:99999/r", "must have a port from 1 to 65535"),
+        ("ssh://host.example:0/r", "must have a port from 1 to 65535"),
+        ("https://host.example:x/r", "must have a port from 1 to 65535"),
+        ("https://host.example/-upload-pack=x", "must not have a path that begins with -"),
+        ("git@host.example:-oProxyCommand=x", "must be an https:// URL"),
+        ("-oProxy@host.example:r", "user name git could read as an option"),
+        ("https://host.example/r%0a", "without spaces or control characters"),
+        ("https://host.example/r\x7f", "without spaces or control characters"),
+        ("https://[::1/r", "is not a valid URL"),
+    ],
+)
+def test_urls_git_could_read_as_options_are_refused(url, problem):
+    (error,) = errors_of(body(repository={"url": url}))
+    assert error.startswith("repository.url: ") and problem in error, error
+
+
+def test_file_urls_must_not_name_a_host(monkeypatch):
+    monkeypatch.setenv("NOTEBOOKOPS_ALLOW_LOCAL_REPOS", "1")
+    (error,) = errors_of(body(repository={"url": "file://evil.example/srv/r"}))
+    assert "file:// URL must not name a host" in error
+    assert parse_request(body(repository={"url": "file://localhost/srv/r"}))
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "1e999", "-1e999", "-0", "-0.0", "0", "1e-400"])
+def test_numbers_out_of_range_are_errors_never_overflow(text):
+    raw = json.dumps(body())[:-1] + f', "timeoutMinutes": {text}, "maxParallel": {text}}}'
+    errors = errors_of(raw.encode())
+    assert any(e.startswith("timeoutMinutes: must be a positive number") for e in errors), errors
+    assert any(e.startswith("maxParallel: must be a whole number") for e in errors), errors
 
 
 @pytest.mark.parametrize(
