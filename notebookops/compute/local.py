@@ -6,6 +6,8 @@ Environment:
 - NOTEBOOKOPS_LOCAL_RUNS_DIR  runs root (default `<tempdir>/notebookops-runs`), a folder per run
 - NOTEBOOKOPS_LOCAL_WORKERS   notebooks executing at once across the runs root (default: CPU count)
 
+A run's `work/` is a view of the shared checkout, not a copy (see staging.py).
+
 The whole-notebook timeout counts from the moment a run holds a worker slot, not from submit.
 """
 
@@ -34,7 +36,7 @@ from notebookops.compute.base import (
     RunStatus,
 )
 from notebookops.compute.local_state import RUNNER_MODULE, RunFiles, flocked, write_json_atomic
-from notebookops.compute.staging import resolve_source, stage_copy
+from notebookops.compute.staging import resolve_source, stage_view
 from notebookops.notebook_errors import error_from_file
 
 ALLOW_ENV = "NOTEBOOKOPS_ALLOW_LOCAL_BACKEND"
@@ -109,7 +111,7 @@ class LocalBackend:
             if run_dir.exists():  # left over by a submit that died half-way
                 shutil.rmtree(run_dir)
             run_dir.mkdir()
-            stage_copy(source_root, files.work)
+            stage_view(source_root, files.work)
             files.output_dir.mkdir()
             write_json_atomic(
                 files.run_json,
@@ -121,6 +123,8 @@ class LocalBackend:
                     "kernel": spec.compute.get("kernel"),
                     "workers": self.workers,
                     "runsRoot": str(self.runs_root),
+                    # The shared checkout work/ links into: the runner protects it from writes.
+                    "source": str(source_root.resolve()),
                 },
             )
             files.init_state()

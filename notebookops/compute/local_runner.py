@@ -34,6 +34,7 @@ from typing import Any
 
 from notebookops.compute.base import CANCELED, FAILED, SUCCEEDED, TIMED_OUT, RunError
 from notebookops.compute.local_state import RunFiles, read_json
+from notebookops.compute.staging import protect_view
 from notebookops.notebook_errors import extract_error, load_notebook_json, source_cell_index
 
 # After a timeout or cancel kills the kernel, papermill needs a moment to notice and save the
@@ -314,6 +315,8 @@ def run(run_dir: Path) -> int:
     standby = _acquire_slot(runs_root / STANDBY_DIR, workers, abort)
     if standby is None:
         return 0
+    if config.get("source"):  # before any kernel exists: it inherits the protection
+        protect_view(files.work, Path(config["source"]))
     # Our own process, our own cwd: the kernel, started from here, sees the notebook's folder
     # like it does in Jupyter.
     os.chdir((files.work / config["notebook"]).parent)
