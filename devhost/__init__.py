@@ -7,13 +7,15 @@ state in SQLite and serves the durable HTTP API. It knows nothing about notebook
 
 from .app import AppIndexError, load_app
 from .clock import RealClock, VirtualClock
-from .host import TERMINAL, Host, HostError
+from .engine import TERMINAL, Engine, HostError
+from .host import Host
 from .invoke import FunctionError
 from .store import StateError
 
 __all__ = [
     "TERMINAL",
     "AppIndexError",
+    "Engine",
     "FunctionError",
     "Host",
     "HostError",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from hashlib import sha1
@@ -75,9 +77,44 @@ class AppIndex:
         durable = self.host_json.get("extensions", {}).get("durableTask", {})
         return str(durable.get("hubName") or "TestHubName")
 
+    @property
+    def default_version(self) -> str | None:
+        """extensions.durableTask.defaultVersion: the version of instances started without one."""
+        value = self.durable_setting("defaultVersion", None)
+        return None if value is None else str(value)
+
     def durable_setting(self, key: str, default: Any) -> Any:
         value = self.host_json.get("extensions", {}).get("durableTask", {}).get(key)
         return default if value is None else value
+
+
+_SETTING = re.compile(r"%([^%\s]+)%")
+
+
+def resolve_app_settings(value: Any, path: Path, where: str = "") -> Any:
+    """Replace every %NAME% in host.json strings with the app setting NAME, as the host's name
+    resolver does (hubName is the one users meet: "hubName": "%TASKHUB_NAME%"). App settings
+    are environment variables; local.settings.json Values were loaded into them at start."""
+    if isinstance(value, dict):
+        return {
+            k: resolve_app_settings(v, path, f"{where}.{k}" if where else k)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [resolve_app_settings(v, path, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def setting(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise AppIndexError(
+                f"{path}: {where} is {value!r}, but app setting '{name}' is not set "
+                "(set it in the environment or in local.settings.json Values)"
+            )
+        return os.environ[name]
+
+    return _SETTING.sub(setting, value)
 
 
 _MODULES: dict[Path, Any] = {}
@@ -109,6 +146,31 @@ def _import_app_module(app_dir: Path) -> Any:
     return module
 
 
+def find_function_register(module: Any, path: Path) -> Any:
+    """The one FunctionRegister (FunctionApp, DFApp, ...) at the module's top level, whatever
+    its name, as the Python worker finds it; two distinct ones are refused, naming both."""
+    from azure.functions import FunctionRegister
+
+    found: dict[int, tuple[str, Any]] = {}
+    for name, value in vars(module).items():
+        if isinstance(value, FunctionRegister):
+            # One object bound to two names (app = myApp = df.DFApp()) is still one app.
+            found.setdefault(id(value), (name, value))
+    if not found:
+        raise AppIndexError(
+            f"{path}: defines no function app at module level (an azure.functions.FunctionApp "
+            "or azure.durable_functions.DFApp, under any name)"
+        )
+    if len(found) > 1:
+        names = " and ".join(f"'{name}' ({type(value).__name__})" for name, value in found.values())
+        raise AppIndexError(
+            f"{path}: more than one function app is defined at module level: {names}; "
+            "the Functions host indexes exactly one (register the others' functions on it, "
+            "or turn them into Blueprints)"
+        )
+    return next(iter(found.values()))[1]
+
+
 def _signature_params(func: Any) -> set[str]:
     target = inspect.unwrap(func)
     try:
@@ -126,10 +188,9 @@ def load_app(app_dir: str | Path) -> AppIndex:
             host_json = json.loads(host_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise AppIndexError(f"{host_path}: not valid JSON: {exc}") from exc
+        host_json = resolve_app_settings(host_json, host_path)
     module = _import_app_module(app_dir)
-    app = getattr(module, "app", None)
-    if app is None or not hasattr(app, "get_functions"):
-        raise AppIndexError(f"{app_dir / 'function_app.py'}: defines no `app` with get_functions()")
+    app = find_function_register(module, app_dir / "function_app.py")
     functions: dict[str, FunctionInfo] = {}
     # get_functions() validates names into the app object and raises on a second call.
     indexed = _INDEXED.get(app_dir)

@@ -104,8 +104,10 @@ def execution_started(
     input_text: str | None,
     parent_instance_id: str | None,
     generation: int,
+    version: str | None = None,
 ) -> dict[str, Any]:
-    # Version must be present: SDK 1.7.0 reads event.Version before replaying anything.
+    # Version must be present: SDK 1.7.0 reads event.Version before replaying anything, and
+    # context.version is this value ("" when the instance was started without one).
     return _event(
         EXECUTION_STARTED,
         ts,
@@ -116,7 +118,7 @@ def execution_started(
             else None
         ),
         Name=name,
-        Version="",
+        Version=version or "",
         Input=input_text,
         Tags=None,
         Correlation=None,

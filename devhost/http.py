@@ -15,19 +15,25 @@ import re
 import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import azure.functions as func
 
+from .engine import Engine, HostError
+from .events import parse_iso
 from .invoke import FunctionError
-
-if TYPE_CHECKING:
-    from .host import Host
 
 log = logging.getLogger("devhost.http")
 DURABLE = "/runtime/webhooks/durabletask"
 RUNNING_CODES = {"Pending", "Running", "ContinuedAsNew", "Suspended"}
+UNSUPPORTED_APIS = {"entities": "durable entities"}
+UNSUPPORTED_ACTIONS = {
+    "suspend": "suspending instances",
+    "resume": "resuming instances",
+    "rewind": "rewinding instances",
+    "restart": "restarting instances",
+}
 
 
 class _Server(ThreadingHTTPServer):
@@ -35,7 +41,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-def serve(host: Host, address: str, port: int) -> ThreadingHTTPServer:
+def serve(host: Engine, address: str, port: int) -> ThreadingHTTPServer:
     handler = type("DevhostHandler", (_Handler,), {"host": host})
     server = _Server((address, port), handler)
     # shutdown() waits for the loop to look up; 0.5 s (the default) made every stop that slow.
@@ -65,13 +71,11 @@ def _query_value(query: dict[str, list[str]], key: str) -> str | None:
 def _parse_time(text: str | None) -> float | None:
     if not text:
         return None
-    from .events import parse_iso
-
     return parse_iso(text).timestamp()
 
 
 class _Handler(BaseHTTPRequestHandler):
-    host: Host
+    host: Engine
     protocol_version = "HTTP/1.1"
     server_version = "devhost"
 
@@ -121,8 +125,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("PATCH")
 
     def _dispatch(self, method: str) -> None:
-        from .host import HostError
-
         parts = urlsplit(self.path)
         path = unquote(parts.path)
         query = parse_qs(parts.query, keep_blank_values=True)
@@ -169,7 +171,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 # The Python client double-encodes: the body is a JSON string holding JSON text.
                 input_text = value if isinstance(value, str) else json.dumps(value)
-            instance_id = host.start_orchestration(name, input_text, instance_id)
+            # The client sends ?version= (start_new(..., version=...)); none means defaultVersion.
+            instance_id = host.start_orchestration(
+                name, input_text, instance_id, version=_query_value(query, "version")
+            )
             links = self._management(instance_id)
             payload = {"id": instance_id, **{k: v for k, v in links.items() if k != "id"}}
             timeout = _query_value(query, "timeout")
@@ -181,6 +186,14 @@ class _Handler(BaseHTTPRequestHandler):
                 except TimeoutError:
                     pass
             self._send(202, payload, {"Location": links["statusQueryGetUri"], "Retry-After": "10"})
+            return
+        if segments[0] in UNSUPPORTED_APIS:
+            # 404 would tell the SDK "entity not found"; 501 says what is missing.
+            self._error(
+                501,
+                f"devhost does not support {UNSUPPORTED_APIS[segments[0]]} "
+                f"({method} {DURABLE}/{rest}); see README: devhost",
+            )
             return
         if segments[0] != "instances":
             self._error(404, f"Unknown durable API path '{rest}'")
@@ -232,14 +245,16 @@ class _Handler(BaseHTTPRequestHandler):
         elif action == "terminate" and len(segments) == 3:
             host.terminate(instance_id, _query_value(query, "reason"))
             self._send(202)
-        elif action in ("suspend", "resume", "rewind", "restart"):
-            self._error(501, f"devhost does not implement '{action}' (see README: devhost)")
+        elif action in UNSUPPORTED_ACTIONS:
+            self._error(
+                501,
+                f"devhost does not support {UNSUPPORTED_ACTIONS[action]} "
+                f"(POST .../instances/{instance_id}/{action}); see README: devhost",
+            )
         else:
             self._error(404, f"Unknown instance operation '{action}'")
 
     def _instances_collection(self, method: str, query: dict) -> None:
-        from .host import HostError
-
         try:
             created_from = _parse_time(_query_value(query, "createdTimeFrom"))
             created_to = _parse_time(_query_value(query, "createdTimeTo"))
@@ -270,8 +285,6 @@ class _Handler(BaseHTTPRequestHandler):
     # -- admin: fire a non-HTTP trigger --------------------------------------------------------
 
     def _admin(self, method: str, name: str, body: bytes) -> None:
-        from .host import HostError
-
         if method != "POST":
             self._error(405, 'use POST /admin/functions/{name} with {"input": ...}')
             return
@@ -350,8 +363,9 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 response = self.host.invoke_http(info, request)
             except FunctionError as exc:
+                # devhost faces no network, so the reason goes to the caller as well as the log.
                 log.error("devhost: %s", exc)
-                self._send(500, {"error": f"function '{info.name}' failed"})
+                self._send(500, {"error": str(exc), "function": info.name, "reason": exc.reason})
                 return
             self._reply(response)
             return

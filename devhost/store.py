@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: instances.version (orchestration versions)
 APPLICATION_ID = 0x44564853  # "DVHS": marks the file as ours before we trust its tables
 
 SCHEMA = """
@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS instances (
     parent_instance_id TEXT,
     generation INTEGER NOT NULL DEFAULT 0,
     next_id INTEGER NOT NULL DEFAULT 0,
-    scheduled TEXT NOT NULL DEFAULT '[]'
+    scheduled TEXT NOT NULL DEFAULT '[]',
+    version TEXT
 );
 CREATE TABLE IF NOT EXISTS history (
     instance_id TEXT NOT NULL,
@@ -87,6 +88,7 @@ class Instance:
     generation: int
     next_id: int
     scheduled: list[list[Any]]
+    version: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Instance:
@@ -158,6 +160,8 @@ class Store:
                 raise StateError(
                     f"{self.path}: corrupt state file ({check}); it was left untouched"
                 )
+            if version < FORMAT_VERSION:
+                self._upgrade(version)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         if not existed:
@@ -170,6 +174,16 @@ class Store:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?)",
                     (str(FORMAT_VERSION),),
                 )
+
+    def _upgrade(self, version: int) -> None:
+        """Bring an older state file up to this format in one transaction; its instances go on."""
+        with self.transaction() as db:
+            if version < 2:
+                db.execute("ALTER TABLE instances ADD COLUMN version TEXT")
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?)",
+                (str(FORMAT_VERSION),),
+            )
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

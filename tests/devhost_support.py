@@ -19,7 +19,7 @@ def http(
     raw: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, dict[str, str]]:
-    """One real HTTP request on loopback; returns (status, parsed JSON or None, headers)."""
+    """One real HTTP request on loopback; returns (status, parsed JSON, text or None, headers)."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - loopback only
     request.add_header("Content-Type", "application/json")
@@ -30,4 +30,27 @@ def http(
             status, payload, hdrs = response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as err:
         status, payload, hdrs = err.code, err.read(), dict(err.headers)
-    return status, (json.loads(payload) if payload else None), hdrs
+    if not payload:
+        return status, None, hdrs
+    try:
+        return status, json.loads(payload), hdrs
+    except ValueError:  # a text body (an HTTP function's own answer)
+        return status, payload.decode("utf-8", "replace"), hdrs
+
+
+APPS = Path(__file__).parent / "apps"
+
+
+def follow_status(status_url: str, timeout: float = 30.0, until: Any = None) -> dict[str, Any]:
+    """Poll a statusQueryGetUri as a client would: 202 while running, 200 when done (or until
+    `until(payload)` holds); returns the last status payload."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        code, payload, _ = http("GET", status_url)
+        if code == 200 or (until is not None and payload and until(payload)):
+            return payload
+        assert code == 202, (code, payload)
+        assert time.monotonic() < deadline, f"{status_url} still {payload}"
+        time.sleep(0.05)
