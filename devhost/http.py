@@ -39,6 +39,9 @@ UNSUPPORTED_ACTIONS = {
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Python's default listen backlog is 5: a burst of pipelines delivering at once had its
+    # connections refused before the accept loop saw them. The kernel caps this at somaxconn.
+    request_queue_size = 1024
 
 
 def serve(host: Engine, address: str, port: int) -> ThreadingHTTPServer:
