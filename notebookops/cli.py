@@ -87,7 +87,17 @@ def _run(args: argparse.Namespace) -> int:
     properties = read_properties(args.properties)
     if not Path(args.body).is_file():
         raise UsageError(f"cannot read message body {args.body}: no such file")
-    return run(args.body, properties, args.out, args.state, args.workers, quiet=args.quiet)
+    if args.rerun and not args.state:
+        raise UsageError("--rerun needs --state DIR: without it every run starts afresh anyway")
+    return run(
+        args.body,
+        properties,
+        args.out,
+        args.state,
+        args.workers,
+        quiet=args.quiet,
+        rerun=args.rerun,
+    )
 
 
 def add_run_command(subparsers: Subparsers) -> None:
@@ -112,6 +122,11 @@ def add_run_command(subparsers: Subparsers) -> None:
         metavar="DIR",
         help="keep devhost state and local runs here (default: a temp folder, "
         "removed afterwards); reuse it to resume an interrupted run",
+    )
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="with --state: run a finished run again instead of showing its result again",
     )
     parser.add_argument(
         "--workers",

@@ -7,16 +7,20 @@ Nothing here decides a verdict: it only shows what the orchestration returned.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
+from urllib.parse import unquote, urlsplit
 
 from notebookops import sealing
 from notebookops.message_file import command_line_settings, read_message_file
@@ -64,10 +68,11 @@ class Progress:
         if not custom:
             return
         lines = []
-        if custom.get("phase") != self.phase:
-            self.phase = custom.get("phase")
-            if self.phase in ("cloning", "reporting"):
-                lines.append(f"{self.phase}...")
+        # One status can carry several changes at once; they are printed in the order they
+        # happened: the clone's result, then notebook states, then the phase they led to.
+        phase = custom.get("phase")
+        if phase != self.phase and phase == "cloning":
+            lines.append("cloning...")
         if custom.get("commit") and "commit" not in self.seen:
             self.seen["commit"] = custom["commit"]
             lines.append(f"commit {custom['commit'][:12]}, {len(custom['notebooks'])} notebook(s)")
@@ -75,6 +80,9 @@ class Progress:
             if self.seen.get(notebook["path"]) != notebook["state"]:
                 self.seen[notebook["path"]] = notebook["state"]
                 lines.append(f"{notebook['path']}: {notebook['state']}")
+        if phase != self.phase and phase == "reporting":
+            lines.append("reporting...")
+        self.phase = phase
         for line in lines:
             self._clear_bar()
             self.stream.write(f"[{time.monotonic() - self.started:6.1f}s] {line}\n")
@@ -112,6 +120,7 @@ def run(
     state: str | None,
     workers: int | None,
     quiet: bool = False,
+    rerun: bool = False,
 ) -> int:
     from devhost import Host
     from notebookops.report import junit_xml, summary_table
@@ -121,13 +130,22 @@ def run(
     body = read_message_file(body_path)
     state_dir = Path(state) if state else Path(tempfile.mkdtemp(prefix="notebookops-"))
     state_dir.mkdir(parents=True, exist_ok=True)
-    local_environment(state_dir.resolve(), workers)
+    state_dir = state_dir.resolve()
+    local_environment(state_dir, workers)
+    out = Path(out_dir)
     request, callback, errors = inspect_message(body, properties=properties, allow_local_repos=True)
     if errors:
         for error in errors:
             print(error, file=sys.stderr)
+        summary = invalid_request_summary(body, errors)
+        _write_outputs(summary, out, junit_xml, state_dir if state else None)
+        print(f"wrote {out / 'summary.json'} and {out / 'junit.xml'}", file=sys.stderr)
+        if not state:
+            shutil.rmtree(state_dir, ignore_errors=True)
         return EXIT_INVALID
-    message_id = uuid.uuid4().hex
+    # With --state the same command finds the same instance again (resume); without it the
+    # state is thrown away, so a fresh id is as good as any.
+    message_id = resume_message_id(body, properties, state_dir) if state else uuid.uuid4().hex
     instance_id = instance_id_for(callback, message_id)
     started = time.monotonic()
     progress = Progress(sys.stdout if not quiet else open(os.devnull, "w"), started)  # noqa: SIM115
@@ -140,14 +158,42 @@ def run(
     )
     try:
         with Host(APP_ROOT, state_dir / "devhost", clock="real") as host:
-            host.deliver_service_bus(
-                "ServiceBusStarter", body, application_properties=properties, message_id=message_id
-            )
+            existing = host.get_status(instance_id, show_input=False)
+            if existing and rerun:
+                if existing["runtimeStatus"] not in TERMINAL:
+                    print(
+                        f"run {instance_id} has not finished; run the command without --rerun "
+                        "to resume it, then --rerun to run it again",
+                        file=sys.stderr,
+                    )
+                    return EXIT_INVALID
+                _forget(host, instance_id, existing, state_dir)
+                print("--rerun: the finished run is forgotten and runs again", flush=True)
+                existing = None
+            if existing is None:
+                host.deliver_service_bus(
+                    "ServiceBusStarter",
+                    body,
+                    application_properties=properties,
+                    message_id=message_id,
+                )
+            elif existing["runtimeStatus"] in TERMINAL:
+                print(
+                    f"already finished ({_result_of(existing)}); shown again, not re-run "
+                    "(--rerun runs it again)",
+                    flush=True,
+                )
+            else:
+                print(f"resuming (state in {state_dir})", flush=True)
             status = _follow(host, instance_id, progress)
     except KeyboardInterrupt:
         progress.close()
+        if state:
+            hint = f"run the same command again (same --state {state}) to resume"
+        else:
+            hint = f"without --state it cannot be resumed; its folder {state_dir} is kept"
         print(
-            "interrupted; local runs already started keep going in their own processes",
+            f"interrupted; notebooks already started keep going in their own processes; {hint}",
             file=sys.stderr,
         )
         return 130
@@ -155,14 +201,95 @@ def run(
         progress.close()
     summary = status.get("output") if isinstance(status.get("output"), dict) else None
     if summary is None:
-        summary = _failed_summary(instance_id, status)
-    out = Path(out_dir)
-    _write_outputs(summary, out, junit_xml)
+        summary = _failed_summary(instance_id, status, request)
+    keep_what_is_known(summary, request)
+    _write_outputs(summary, out, junit_xml, state_dir if state else None)
     print(summary_table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'junit.xml'} and {out / 'notebooks'}/")
     if not state:
         shutil.rmtree(state_dir, ignore_errors=True)
     return EXIT_OK if summary["result"] in ("succeeded", "succeededWithIssues") else EXIT_FAILED
+
+
+def resume_message_id(body: bytes, properties: dict[str, Any] | None, state_dir: Path) -> str:
+    """The same (body, properties, state folder) always names the same run, so running the
+    same command again finds it. Without callback values this is the instance's key."""
+    digest = hashlib.sha256()
+    for part in (
+        body,
+        json.dumps(properties, sort_keys=True, default=str).encode(),
+        str(state_dir.resolve()).encode(),
+    ):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return "cli-" + digest.hexdigest()[:40]
+
+
+def _result_of(status: dict[str, Any]) -> str:
+    output = status.get("output")
+    return output.get("result", "?") if isinstance(output, dict) else status["runtimeStatus"]
+
+
+def _forget(host: Any, instance_id: str, status: dict[str, Any], state_dir: Path) -> None:
+    """Purge a finished instance and its local runs, so the same id runs from scratch (the
+    local backend would otherwise find its finished runs under the same run keys)."""
+    from notebookops.activities import output_root
+
+    output = status.get("output") if isinstance(status.get("output"), dict) else {}
+    runs_root = state_dir / "runs"
+    for notebook in output.get("notebooks") or []:
+        run_id = notebook.get("runId")
+        if isinstance(run_id, str) and run_id and "/" not in run_id and run_id[0] != ".":
+            shutil.rmtree(runs_root / run_id, ignore_errors=True)
+    shutil.rmtree(output_root(instance_id), ignore_errors=True)
+    host.purge(instance_id)
+
+
+def invalid_request_summary(body: bytes, errors: list[str]) -> dict[str, Any]:
+    """summary.json for a request that never ran: the errors, and what the message named."""
+    from notebookops.datacontract import decode_body
+
+    try:
+        data = json.loads(decode_body(body))
+    except ValueError:
+        data = None
+    data = data if isinstance(data, dict) else {}
+    repo = data.get("repository") if isinstance(data.get("repository"), dict) else {}
+    commit = repo.get("commit")
+    named: list[str] = []
+    entries = data.get("notebooks") if isinstance(data.get("notebooks"), list) else []
+    for entry in entries[:500]:
+        path = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(path, str) and path.isprintable() and 0 < len(path) <= 1024:
+            named.append(path)
+    now = datetime.now(UTC).isoformat()
+    return {
+        "instanceId": None,
+        "result": "failed",
+        "commit": commit.lower() if isinstance(commit, str) and _HEX.fullmatch(commit) else None,
+        "startedAt": now,
+        "finishedAt": now,
+        "counts": {"total": len(named), "succeeded": 0, "failed": 0, "timedOut": 0}
+        | {"canceled": len(named)},
+        "errors": [f"invalid request: {error}" for error in errors],
+        "notebooks": [_not_run(path, "the request is invalid") for path in named],
+    }
+
+
+_HEX = re.compile(r"[0-9a-fA-F]{7,64}")
+
+
+def _not_run(path: str, why: str) -> dict[str, Any]:
+    return {
+        "path": path,
+        "state": "canceled",
+        "allowFailure": False,
+        "runId": None,
+        "portalUrl": None,
+        "durationSeconds": None,
+        "error": None,
+        "message": f"not run: {why}",
+        "outputNotebook": None,
+    }
 
 
 def _follow(host: Any, instance_id: str, progress: Progress) -> dict[str, Any]:
@@ -175,25 +302,48 @@ def _follow(host: Any, instance_id: str, progress: Progress) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def _failed_summary(instance_id: str, status: dict[str, Any]) -> dict[str, Any]:
+def keep_what_is_known(summary: dict[str, Any], request: Any) -> None:
+    """A run that failed before its notebooks were resolved (a bad ref, a missing notebook)
+    still names the commit the message asked for and the notebooks it listed."""
+    if summary.get("commit") is None and request.commit:
+        summary["commit"] = request.commit
+    if summary.get("errors") and not summary.get("notebooks"):
+        why = "the run failed before it started (see errors)"
+        summary["notebooks"] = [_not_run(entry.path, why) for entry in request.notebooks]
+        counts = summary.setdefault("counts", {})
+        counts["total"] = counts["canceled"] = len(summary["notebooks"])
+
+
+def _failed_summary(instance_id: str, status: dict[str, Any], request: Any) -> dict[str, Any]:
+    """The orchestration ended without a summary: keep what is known from its last status."""
+    custom = status.get("customStatus") if isinstance(status.get("customStatus"), dict) else {}
+    known = [n for n in custom.get("notebooks") or [] if isinstance(n, dict) and n.get("path")]
+    why = f"the orchestration ended {status['runtimeStatus']}"
+    notebooks = [_not_run(n["path"], why) for n in known] or [
+        _not_run(entry.path, why) for entry in request.notebooks
+    ]
     return {
         "instanceId": instance_id,
         "result": "failed",
-        "commit": None,
+        "commit": custom.get("commit") or request.commit,
         "startedAt": status.get("createdTime"),
         "finishedAt": status.get("lastUpdatedTime"),
-        "counts": {"total": 0, "succeeded": 0, "failed": 0, "timedOut": 0, "canceled": 0},
+        "counts": {"total": len(notebooks), "succeeded": 0, "failed": 0, "timedOut": 0}
+        | {"canceled": len(notebooks)},
         "errors": [f"orchestration {status['runtimeStatus']}: {status.get('output')}"],
-        "notebooks": [],
+        "notebooks": notebooks,
     }
 
 
-def _write_outputs(summary: dict[str, Any], out: Path, junit_xml: Any) -> None:
+def _write_outputs(
+    summary: dict[str, Any], out: Path, junit_xml: Any, kept_state: Path | None
+) -> None:
     notebooks_dir = out / "notebooks"
     if notebooks_dir.exists():
         shutil.rmtree(notebooks_dir)
     notebooks_dir.mkdir(parents=True)
     for notebook in summary["notebooks"]:
+        notebook["portalUrl"] = local_portal_url(notebook.get("portalUrl"), kept_state)
         source = notebook.get("outputNotebook")
         if source and Path(source).is_file():
             target = notebooks_dir / PurePosixPath(notebook["path"])
@@ -202,6 +352,23 @@ def _write_outputs(summary: dict[str, Any], out: Path, junit_xml: Any) -> None:
             notebook["outputNotebook"] = str(PurePosixPath("notebooks") / notebook["path"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "junit.xml").write_text(junit_xml(summary), encoding="utf-8")
+
+
+def local_portal_url(url: Any, kept_state: Path | None) -> Any:
+    """A local run's "portal" is its folder under --state (the copy of the checkout, the
+    executed notebook, the runner's log); without --state that folder is deleted at the end,
+    so there is none. Links of other backends pass unchanged."""
+    if not isinstance(url, str) or not url.startswith("file://"):
+        return url
+    if kept_state is None:
+        return None
+    path = Path(unquote(urlsplit(url).path))
+    runs = kept_state / "runs"
+    try:
+        run_folder = path.relative_to(runs).parts[0]
+    except (ValueError, IndexError):
+        return str(path)
+    return str(runs / run_folder)
 
 
 def serve(args: Any) -> int:

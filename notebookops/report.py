@@ -64,9 +64,9 @@ def junit_xml(summary: dict[str, Any]) -> str:
         "testsuite",
         {
             "name": "notebookops",
-            "tests": str(counts["total"] + len(summary.get("errors") or [])),
+            "tests": str(counts["total"] + (1 if summary.get("errors") else 0)),
             "failures": str(failures),
-            "errors": str(len(summary.get("errors") or [])),
+            "errors": str(1 if summary.get("errors") else 0),
             "skipped": str(skipped),
             "time": f"{total_time:.3f}",
             "timestamp": summary.get("startedAt") or "",
@@ -104,8 +104,13 @@ def junit_xml(summary: dict[str, Any]) -> str:
         if notebook.get("outputNotebook"):
             out = ET.SubElement(case, "system-out")
             out.text = f"executed notebook: {notebook['outputNotebook']}"
-    for error in summary.get("errors") or []:
+    errors = summary.get("errors") or []
+    if errors:
+        # One testcase for the run (an invalid request, a failed clone...), every error in it.
         case = ET.SubElement(suite, "testcase", {"classname": "notebookops", "name": "run"})
-        ET.SubElement(case, "error", {"message": error, "type": "RunError"}).text = error
+        message = errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"
+        ET.SubElement(case, "error", {"message": message, "type": "RunError"}).text = "\n".join(
+            errors
+        )
     ET.indent(suites)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
