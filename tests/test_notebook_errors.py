@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import nbformat
+import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from notebookops.notebook_errors import (
+    committed_indexes,
     error_from_file,
     extract_error,
     source_cell_index,
@@ -106,3 +109,123 @@ def test_executed_index_maps_to_committed_index():
 def test_strip_ansi_removes_colours_and_hyperlinks_only():
     text = "\x1b[1;31mError\x1b[0m see \x1b]8;;file:///x.py\x1b\\x.py\x1b]8;;\x1b\\ [ok]"
     assert strip_ansi(text) == "Error see x.py [ok]"
+
+
+# -- mapping executed cells back to the committed notebook -----------------------------------
+
+
+def _with_ids(nb):
+    for number, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{number}"
+    return nb
+
+
+def _marker(text="An Exception was encountered"):
+    return _tagged(new_markdown_cell(text), "papermill-error-cell-tag")
+
+
+def _committed_with_old_markers():
+    """A notebook saved from an earlier failed papermill run: its markers were committed."""
+    return _with_ids(
+        new_notebook(
+            cells=[
+                _marker(),
+                new_markdown_cell("# Title"),
+                _tagged(new_code_cell("n = 1"), "parameters"),
+                _marker("stopped here"),
+                new_code_cell("1 / (n - 1)"),
+                new_code_cell("print('after')"),
+            ]
+        )
+    )
+
+
+def _as_papermill_ran(committed, parameters_source, fail_at, *, keep_ids=True):
+    """What papermill writes: old markers stripped, a parameters cell injected after the
+    `parameters` cell, the failing cell's error, and two fresh markers. Without `keep_ids`
+    every cell has a new id, as when papermill upgrades an nbformat 4.4 notebook."""
+    tags = "papermill-error-cell-tag"
+    cells = [copy.deepcopy(c) for c in committed.cells if tags not in c.metadata.get("tags", [])]
+    for number, cell in enumerate(cells):
+        if not keep_ids:
+            cell["id"] = f"random-{number}"
+    at = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    cells.insert(at + 1, _tagged(new_code_cell(parameters_source), "injected-parameters"))
+    failing = next(i for i, c in enumerate(cells) if c.source == fail_at)
+    cells[failing].outputs = [
+        new_output("error", ename="ZeroDivisionError", evalue="division by zero")
+    ]
+    cells.insert(failing, _marker("stopped here"))
+    cells.insert(0, _marker())
+    return new_notebook(cells=cells)
+
+
+@pytest.mark.parametrize("keep_ids", [True, False], ids=["by-id", "by-source"])
+def test_committed_error_markers_and_injected_cells_do_not_shift_the_index(keep_ids):
+    committed = _committed_with_old_markers()
+    executed = _as_papermill_ran(committed, "n = 1", "1 / (n - 1)", keep_ids=keep_ids)
+    error = extract_error(executed, committed)
+    # Committed cells: 0 marker, 1 title, 2 parameters, 3 marker, 4 the failing cell.
+    assert (error.cell_index, error.ename) == (4, "ZeroDivisionError")
+    # Without the committed notebook only papermill's own cells are discounted: 2 too low.
+    assert extract_error(executed).cell_index == 2
+    indexes = committed_indexes(executed, committed)
+    assert [
+        indexes[i]
+        for i, c in enumerate(executed.cells)
+        if "injected-parameters" in c.metadata.get("tags", [])
+    ] == [None]
+
+
+def test_a_committed_injected_cell_is_the_one_papermill_replaced():
+    committed = _with_ids(
+        new_notebook(
+            cells=[
+                _tagged(new_code_cell("n = 1"), "parameters"),
+                _tagged(new_code_cell("n = 5  # from an old run"), "injected-parameters"),
+                new_code_cell("assert n == 1"),
+            ]
+        )
+    )
+    executed = new_notebook(
+        cells=[
+            committed.cells[0],
+            _tagged(new_code_cell("n = 2"), "injected-parameters"),  # new id, new text
+            new_code_cell(
+                "assert n == 1",
+                outputs=[new_output("error", ename="AssertionError", evalue="")],
+            ),
+        ]
+    )
+    executed.cells[2]["id"] = "elsewhere"
+    assert committed_indexes(executed, committed) == [0, 1, 2]
+    assert extract_error(executed, committed).cell_index == 2
+
+
+def test_duplicate_sources_are_matched_in_order():
+    committed = _with_ids(new_notebook(cells=[new_code_cell("x += 1") for _ in range(4)]))
+    executed = new_notebook(cells=[_marker(), *[new_code_cell("x += 1") for _ in range(4)]])
+    assert committed_indexes(executed, committed) == [None, 0, 1, 2, 3]
+
+
+# -- tags --------------------------------------------------------------------------------------
+
+
+def test_raises_exception_cells_are_allowed_and_a_later_real_error_is_reported():
+    expected = _tagged(
+        new_code_cell("1/0", outputs=[new_output("error", ename="ZeroDivisionError", evalue="")]),
+        "raises-exception",
+    )
+    real = new_code_cell("x", outputs=[new_output("error", ename="NameError", evalue="x")])
+    nb = new_notebook(cells=[new_markdown_cell("t"), expected, new_code_cell("ok"), real])
+    error = extract_error(nb)
+    assert (error.cell_index, error.ename) == (3, "NameError")
+    assert extract_error(new_notebook(cells=nb.cells[:3])) is None
+
+
+def test_skip_execution_cells_are_not_judged_by_the_outputs_they_carry():
+    stale = _tagged(
+        new_code_cell("boom()", outputs=[new_output("error", ename="OSError", evalue="old")]),
+        "skip-execution",
+    )
+    assert extract_error(new_notebook(cells=[stale, new_code_cell("1")])) is None
