@@ -77,6 +77,17 @@ def add_notebooks(state: dict[str, Any], clone: dict[str, Any]) -> None:
                 "outputNotebook": None,
             }
         )
+        if item.get("problem"):  # missing or malformed: this notebook fails, the others run
+            state["notebooks"][-1].update(
+                state="failed",
+                message=item["problem"],
+                error={
+                    "cellIndex": None,
+                    "ename": item.get("problemType") or "InvalidNotebook",
+                    "evalue": item["problem"],
+                    "traceback": "",
+                },
+            )
 
 
 def parameters_for(state: dict[str, Any], notebook: dict[str, Any]) -> dict[str, Any]:

@@ -70,17 +70,35 @@ class RepoError(Exception):
         return self.message
 
 
+NOT_FOUND = "NotebookNotFound"
+INVALID = "InvalidNotebook"
+
+
 @dataclass(frozen=True, order=True)
 class ResolvedNotebook:
-    path: str  # POSIX, relative to the repository root
+    """One notebook to run, or one that cannot run: `problem` says why, `problem_type` is the
+    ename it is reported with (NOT_FOUND or INVALID). Such a notebook fails alone."""
+
+    path: str  # POSIX, relative to the repository root (the pattern, for a glob matching none)
     entry_index: int  # which request entry produced it (first entry wins)
+    problem: str | None = None
+    problem_type: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "entryIndex": self.entry_index}
+        out: dict[str, Any] = {"path": self.path, "entryIndex": self.entry_index}
+        if self.problem is not None:
+            out.update(problem=self.problem, problemType=self.problem_type or INVALID)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResolvedNotebook:
-        return cls(path=str(data["path"]), entry_index=int(data["entryIndex"]))
+        problem = data.get("problem")
+        return cls(
+            path=str(data["path"]),
+            entry_index=int(data["entryIndex"]),
+            problem=str(problem) if problem is not None else None,
+            problem_type=str(data.get("problemType") or INVALID) if problem is not None else None,
+        )
 
 
 @dataclass
@@ -498,66 +516,82 @@ def _tracked_files(checkout: Path, commit: str) -> dict[str, int]:
         repo.close()
 
 
-def _expand(patterns: Sequence[str], tracked: dict[str, int], commit: str) -> dict[str, int]:
+def _expand(
+    patterns: Sequence[str], tracked: dict[str, int], commit: str
+) -> tuple[dict[str, int], dict[str, tuple[int, str]]]:
+    """(notebook path -> entry index, and path or pattern -> (entry index, why it cannot run))."""
     chosen: dict[str, int] = {}
+    missing: dict[str, tuple[int, str]] = {}
     for index, raw in enumerate(patterns):
         pattern = _check_pattern(raw, index)
         if _GLOB_CHARS.isdisjoint(pattern):
-            if pattern not in tracked:
-                raise _permanent(f"notebook {pattern!r} not found at commit {commit[:7]}")
-            chosen.setdefault(pattern, index)
+            if pattern in tracked:
+                chosen.setdefault(pattern, index)
+            elif pattern not in missing:
+                missing[pattern] = (index, f"notebook {pattern!r} not found at commit {commit[:7]}")
             continue
         regex = _glob_regex(pattern)
         # Globs pick notebooks only: "nb/**" should not sweep in data files next to them.
         matches = sorted(p for p in tracked if p.lower().endswith(".ipynb") and regex.match(p))
-        if not matches:
-            raise _permanent(
-                f"notebooks[{index}] glob {pattern!r} matches no notebook at commit {commit[:7]}"
+        if not matches and pattern not in missing:
+            missing[pattern] = (
+                index,
+                f"notebooks[{index}] glob {pattern!r} matches no notebook at commit {commit[:7]}",
             )
         for path in matches:
             chosen.setdefault(path, index)
-    return chosen
+    return chosen, missing
 
 
-def _check_notebook(checkout: Path, path: str, mode: int, commit: str) -> None:
+def _check_notebook(checkout: Path, path: str, mode: int, commit: str) -> str | None:
+    """Why the notebook at ``path`` cannot run, or None: it is read as papermill reads it
+    (nbformat 3 is converted to 4), so what passes here is what papermill accepts."""
     where = f"notebook {path!r} at commit {commit[:7]}"
     if PurePosixPath(path).parts[0] == ".git" or ".." in PurePosixPath(path).parts:
-        raise _permanent(f"{where} is not inside the repository")
+        return f"{where} is not inside the repository"
     root = checkout.resolve()
     candidate = checkout / path
     resolved = candidate.resolve()
     if not resolved.is_relative_to(root) or resolved.is_relative_to(root / ".git"):
         kind = "is a symlink pointing" if mode == _SYMLINK_MODE else "resolves"
-        raise _permanent(f"{where} {kind} outside the repository")
+        return f"{where} {kind} outside the repository"
     try:
         info = resolved.stat()
     except FileNotFoundError:
-        raise _permanent(f"{where} is a symlink to a missing file") from None
+        return f"{where} is a symlink to a missing file"
     if not stat.S_ISREG(info.st_mode):
-        raise _permanent(f"{where} is not a regular file")
+        return f"{where} is not a regular file"
     try:
         text = resolved.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise _permanent(f"{where} is not a notebook: not UTF-8 text ({exc.reason})") from None
+        return f"{where} is not a notebook: not UTF-8 text ({exc.reason})"
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _permanent(
+        return (
             f"{where} is not a notebook: invalid JSON at line {exc.lineno} column {exc.colno}: "
             f"{exc.msg}"
-        ) from None
-    if not isinstance(raw, dict):
-        raise _permanent(f"{where} is not a notebook: the JSON is not an object")
-    try:
-        notebook = nbformat.reads(text, as_version=nbformat.NO_CONVERT)
-        major = int(notebook.get("nbformat"))
-    except Exception as exc:  # nbformat raises several unrelated types for bad input
-        raise _permanent(f"{where} is not a notebook: {type(exc).__name__}: {exc}") from None
-    if major != 4:
-        raise _permanent(
-            f"{where} uses nbformat {major}; only nbformat 4 is supported "
-            "(re-save it with a current Jupyter)"
         )
+    if not isinstance(raw, dict):
+        return f"{where} is not a notebook: the JSON is not an object"
+    major = raw.get("nbformat")
+    if isinstance(major, int) and not isinstance(major, bool) and major > 4:
+        return f"{where} uses nbformat {major}, newer than this app reads (4)"
+    try:
+        notebook = nbformat.reads(text, as_version=4)
+    except Exception as exc:  # nbformat raises several unrelated types for bad input
+        return f"{where} is not a notebook: {type(exc).__name__}: {exc}"
+    metadata = notebook.get("metadata")
+    kernelspec = metadata.get("kernelspec") if isinstance(metadata, dict) else None
+    if kernelspec is not None and not (
+        isinstance(kernelspec, dict) and isinstance(kernelspec.get("name", ""), str)
+    ):
+        return (
+            f"{where} has metadata.kernelspec {kernelspec!r}: it must be an object such as "
+            '{"name": "python3", "display_name": "Python 3", "language": "python"} '
+            "(re-save the notebook in Jupyter, or fix the field by hand)"
+        )
+    return None
 
 
 def resolve_and_checkout(
@@ -584,13 +618,18 @@ def resolve_and_checkout(
     checkout = _ensure(remote, sha, root, ref_hint)
 
     tracked = _tracked_files(checkout, sha)
-    chosen = _expand(patterns, tracked, sha)
-    if not 1 <= len(chosen) <= max_notebooks:
+    chosen, missing = _expand(patterns, tracked, sha)
+    if not 1 <= len(chosen) + len(missing) <= max_notebooks:
         raise _permanent(
-            f"notebooks expand to {len(chosen)} notebooks at commit {sha[:7]}; "
+            f"notebooks expand to {len(chosen) + len(missing)} notebooks at commit {sha[:7]}; "
             f"the limit is {max_notebooks}"
         )
+    # One bad notebook fails itself: it becomes a result with the reason, the others run.
+    notebooks = [
+        ResolvedNotebook(path, index, why, NOT_FOUND) for path, (index, why) in missing.items()
+    ]
     for path in sorted(chosen):
-        _check_notebook(checkout, path, tracked[path], sha)
-    notebooks = [ResolvedNotebook(path, chosen[path]) for path in sorted(chosen)]
+        why = _check_notebook(checkout, path, tracked[path], sha)
+        notebooks.append(ResolvedNotebook(path, chosen[path], why, INVALID if why else None))
+    notebooks.sort(key=lambda nb: nb.path)
     return CloneResult(commit=sha, checkout=str(checkout), notebooks=notebooks)

@@ -113,14 +113,28 @@ def test_globs_expand_sorted_and_parameters_merge(flow_env, repo):
     assert params.count({"env": "ci", "alpha": 1}) == 2
 
 
-def test_missing_notebook_fails_the_run_with_a_clear_error(flow_env, repo):
-    body = message(repo, ["nb/a.ipynb", "nb/nope.ipynb"], compute={"backend": "fake"})
+def test_missing_and_malformed_notebooks_fail_alone_and_the_others_run(flow_env, repo):
+    from tests.gitrepos import commit
+
+    commit(repo, {"nb/broken.ipynb": '{"cells": ['}, "add a broken one")
+    body = message(
+        repo,
+        ["nb/a.ipynb", "nb/nope.ipynb", {"path": "nb/broken.ipynb", "allowFailure": True}],
+        compute={"backend": "fake"},
+    )
     _, _, status = run(flow_env, body)
     summary = status["output"]
-    assert summary["result"] == "failed"
-    assert summary["notebooks"] == []
-    assert "nb/nope.ipynb" in summary["errors"][0] and "not found" in summary["errors"][0]
-    assert FakeBackend.submits == []
+    assert summary["result"] == "failed"  # nb/nope.ipynb is not allowed to fail
+    assert summary["errors"] == []
+    by_path = {n["path"]: n for n in summary["notebooks"]}
+    assert by_path["nb/a.ipynb"]["state"] == "succeeded"
+    nope, broken = by_path["nb/nope.ipynb"], by_path["nb/broken.ipynb"]
+    assert (nope["state"], nope["error"]["ename"]) == ("failed", "NotebookNotFound")
+    assert "'nb/nope.ipynb' not found at commit" in nope["message"]
+    assert (broken["state"], broken["error"]["ename"]) == ("failed", "InvalidNotebook")
+    assert "invalid JSON" in broken["error"]["evalue"] and broken["allowFailure"] is True
+    assert summary["counts"]["failed"] == 2 and summary["counts"]["succeeded"] == 1
+    assert len(FakeBackend.submits) == 1  # only nb/a.ipynb ran
 
 
 def test_bad_ref_fails_without_retrying(flow_env, repo):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -156,6 +157,10 @@ def broken(tmp_path: Path) -> str:
             "bad/escape.ipynb": Symlink(str(outside)),
             "bad/dotdot.ipynb": Symlink("../../outside.ipynb"),
             "bad/README.md": "# hi",
+            "bad/kernelspec.ipynb": json.dumps(
+                {**notebook("1"), "metadata": {"kernelspec": "python3"}}
+            ),
+            "bad/v5.ipynb": json.dumps({**notebook("1"), "nbformat": 5}),
         },
     )
     return file_url(src)
@@ -164,16 +169,7 @@ def broken(tmp_path: Path) -> str:
 @pytest.mark.parametrize(
     ("ref", "patterns", "message"),
     [
-        ("main", ["nb/x.ipynb"], r"notebook 'nb/x.ipynb' not found at commit [0-9a-f]{7}\b"),
-        ("main", ["nb/ok.ipynb", "nb/*.py"], r"notebooks\[1\] glob 'nb/\*.py' matches no"),
         ("no-such-branch", ["nb/ok.ipynb"], r"ref 'no-such-branch' not found in file://"),
-        ("main", ["bad/json.ipynb"], r"'bad/json.ipynb' .*invalid JSON at line 1 column 12"),
-        ("main", ["bad/v3.ipynb"], r"'bad/v3.ipynb' .*uses nbformat 3; only nbformat 4"),
-        ("main", ["bad/list.ipynb"], r"'bad/list.ipynb' .*not an object"),
-        ("main", ["bad/latin1.ipynb"], r"'bad/latin1.ipynb' .*not UTF-8"),
-        ("main", ["bad/escape.ipynb"], r"'bad/escape.ipynb' .*symlink pointing outside"),
-        ("main", ["bad/dotdot.ipynb"], r"'bad/dotdot.ipynb' .*symlink pointing outside"),
-        ("main", ["bad/README.md"], r"'bad/README.md' .*not a notebook"),
         ("main", ["nb/../bad/v3.ipynb"], r"notebooks\[0\] 'nb/../bad/v3.ipynb' must not .*'\.\.'"),
         ("main", ["/nb/ok.ipynb"], r"must be relative"),
         ("main", ["nb/ok.ipynb", ""], r"notebooks\[1\] must be a non-empty"),
@@ -186,6 +182,47 @@ def test_bad_input_is_a_permanent_error_naming_it(
     with pytest.raises(RepoError, match=message) as err:
         resolve_and_checkout(broken, ref, None, patterns)
     assert err.value.permanent
+
+
+@pytest.mark.parametrize(
+    ("pattern", "kind", "message"),
+    [
+        (
+            "nb/x.ipynb",
+            "NotebookNotFound",
+            r"notebook 'nb/x.ipynb' not found at commit [0-9a-f]{7}\b",
+        ),
+        ("nb/*.py", "NotebookNotFound", r"notebooks\[1\] glob 'nb/\*.py' matches no"),
+        (
+            "bad/json.ipynb",
+            "InvalidNotebook",
+            r"'bad/json.ipynb' .*invalid JSON at line 1 column 12",
+        ),
+        ("bad/list.ipynb", "InvalidNotebook", r"'bad/list.ipynb' .*not an object"),
+        ("bad/latin1.ipynb", "InvalidNotebook", r"'bad/latin1.ipynb' .*not UTF-8"),
+        ("bad/escape.ipynb", "InvalidNotebook", r"'bad/escape.ipynb' .*symlink pointing outside"),
+        ("bad/dotdot.ipynb", "InvalidNotebook", r"'bad/dotdot.ipynb' .*symlink pointing outside"),
+        ("bad/README.md", "InvalidNotebook", r"'bad/README.md' .*not a notebook"),
+        ("bad/kernelspec.ipynb", "InvalidNotebook", r"metadata.kernelspec 'python3': it must be"),
+        ("bad/v5.ipynb", "InvalidNotebook", r"uses nbformat 5, newer than this app reads"),
+    ],
+)
+def test_a_bad_notebook_fails_alone_with_the_reason(
+    broken: str, pattern: str, kind: str, message: str
+) -> None:
+    result = resolve_and_checkout(broken, "main", None, ["nb/ok.ipynb", pattern])
+    by_path = {nb.path: nb for nb in result.notebooks}
+    assert by_path["nb/ok.ipynb"].problem is None
+    bad = by_path[pattern]
+    assert bad.problem_type == kind and bad.entry_index == 1
+    assert re.search(message, bad.problem), bad.problem
+    # It travels to the orchestrator and back unchanged.
+    assert CloneResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_nbformat_3_is_read_as_papermill_reads_it(broken: str) -> None:
+    result = resolve_and_checkout(broken, "main", None, ["bad/v3.ipynb"])
+    assert [(nb.path, nb.problem) for nb in result.notebooks] == [("bad/v3.ipynb", None)]
 
 
 def test_symlink_inside_the_repository_is_accepted(broken: str) -> None:

@@ -121,6 +121,7 @@ class LocalBackend:
                     "parameters": spec.parameters,
                     "timeoutSeconds": spec.timeout_seconds,
                     "kernel": spec.compute.get("kernel"),
+                    "python": spec.compute.get("python"),
                     "workers": self.workers,
                     "runsRoot": str(self.runs_root),
                     # The shared checkout work/ links into: the runner protects it from writes.

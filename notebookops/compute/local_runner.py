@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import sys
@@ -33,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from notebookops.compute.base import CANCELED, FAILED, SUCCEEDED, TIMED_OUT, RunError
-from notebookops.compute.local_state import RunFiles, read_json
+from notebookops.compute.local_state import RunFiles, read_json, write_json_atomic
 from notebookops.compute.staging import protect_view
-from notebookops.notebook_errors import extract_error, load_notebook_json, source_cell_index
+from notebookops.notebook_errors import first_error, load_notebook_json, source_cell_index
 
 # After a timeout or cancel kills the kernel, papermill needs a moment to notice and save the
 # notebook; past this the runner gives up on a clean exit and kills itself.
@@ -144,23 +145,122 @@ def _kernel_manager_class(abort: Abort) -> type:
     return RecordingKernelManager
 
 
-def _kernel_name(config: dict[str, Any], notebook: Path) -> str | None:
-    if config.get("kernel"):
-        return str(config["kernel"])
-    nb = load_notebook_json(notebook) or {}
-    has_kernelspec = bool(((nb.get("metadata") or {}).get("kernelspec") or {}).get("name"))
-    # Notebooks written by tools without a kernelspec would make papermill give up; python3 is
-    # what such notebooks are in practice.
-    return None if has_kernelspec else "python3"
+# The kernelspec written for `compute.python`: found through JUPYTER_PATH, this run's only.
+PYTHON_KERNEL_NAME = "notebookops-python"
+KERNEL_HINT = (
+    "name an installed kernel in compute.kernel, or a Python environment that has ipykernel "
+    "in compute.python (both may be set per notebook)"
+)
+
+
+class KernelProblem(Exception):
+    """The environment the notebook asks for is not here: the run fails before it starts."""
+
+
+def _kernelspec_of(notebook: Path) -> dict[str, Any]:
+    """The notebook's kernelspec as papermill reads it (nbformat 3 converted); {} when absent."""
+    nb = _read_committed(notebook) or {}
+    spec = (nb.get("metadata") or {}).get("kernelspec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def _read_committed(notebook: Path) -> dict[str, Any] | None:
+    """The notebook as committed, converted to nbformat 4 as papermill converts it."""
+    import nbformat
+
+    try:
+        return dict(nbformat.reads(notebook.read_text(encoding="utf-8"), as_version=4))
+    except Exception:  # nbformat raises many types; the raw JSON is the best left to go by
+        return load_notebook_json(notebook)
+
+
+def _python_executable(value: str) -> Path:
+    """`compute.python` names a virtual environment's folder or a Python executable in it."""
+    path = Path(value)
+    candidates = (
+        [path] if not path.is_dir() else [path / "bin" / "python", path / "bin" / "python3"]
+    )
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise KernelProblem(
+        f"compute.python {value!r} is not a Python executable or a virtual environment folder "
+        "with bin/python on this host"
+    )
+
+
+def _select_kernel(config: dict[str, Any], files: RunFiles) -> None:
+    """Decide the kernel before queueing (a missing one fails now, not after a wait), and record
+    it in `config` as `kernelName` and `language` for the warm-up and papermill.
+
+    Order: `compute.python` (a kernelspec for that interpreter is written into the run folder),
+    `compute.kernel`, the notebook's own kernelspec, else python3. Raises KernelProblem.
+    """
+    import subprocess
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    config["language"] = None
+    if config.get("python"):
+        python = _python_executable(str(config["python"]))
+        probe = subprocess.run(
+            [
+                str(python),
+                "-c",
+                "import importlib.util as u, sys; sys.exit(u.find_spec('ipykernel') is None)",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if probe.returncode != 0:
+            raise KernelProblem(
+                f"compute.python {config['python']!r} cannot run notebooks: ipykernel is not "
+                f"installed there (install it with: {python} -m pip install ipykernel)"
+            )
+        spec_dir = files.run_dir / "jupyter" / "kernels" / PYTHON_KERNEL_NAME
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        venv = python.parent.parent
+        spec = {
+            "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Python ({venv})",
+            "language": "python",
+            # Shell commands and subprocesses of the notebook see the same environment.
+            "env": {
+                "VIRTUAL_ENV": str(venv),
+                "PATH": os.pathsep.join([str(python.parent), os.environ.get("PATH", "")]),
+            },
+        }
+        (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(
+            p for p in (str(files.run_dir / "jupyter"), os.environ.get("JUPYTER_PATH", "")) if p
+        )
+        config["kernelName"], config["language"] = PYTHON_KERNEL_NAME, "python"
+        return
+    own = _kernelspec_of(files.work / config["notebook"]).get("name")
+    name = config.get("kernel") or own
+    if not name:
+        # Notebooks written by tools without a kernelspec would make papermill give up; python3
+        # is what such notebooks are in practice.
+        config["kernelName"], config["language"] = "python3", "python"
+        return
+    installed = sorted(KernelSpecManager().find_kernel_specs())
+    if name not in installed:
+        whose = "compute.kernel" if config.get("kernel") else "the notebook's kernelspec"
+        raise KernelProblem(
+            f"No such kernel named {name!r} ({whose}) on this host; installed kernels: "
+            f"{', '.join(installed) or 'none'}. Install that kernel here, or {KERNEL_HINT}"
+        )
+    config["kernelName"] = str(name)
+
+
+def _kernel_name(config: dict[str, Any], notebook: Path) -> str:
+    return str(config["kernelName"])
 
 
 def _warm_kernel_name(config: dict[str, Any], notebook: Path) -> str:
-    """The kernel papermill would start: the configured one, the notebook's own, else python3."""
-    name = _kernel_name(config, notebook)
-    if name:
-        return name
-    nb = load_notebook_json(notebook) or {}
-    return str(nb["metadata"]["kernelspec"]["name"])
+    """The kernel papermill will start (see _select_kernel)."""
+    return str(config["kernelName"])
 
 
 async def _launch(km: Any) -> None:
@@ -265,6 +365,7 @@ def _execute(
                 str(output),
                 parameters=config.get("parameters") or {},
                 kernel_name=kernel_name,
+                language=config.get("language"),
                 progress_bar=False,
                 log_output=False,
                 start_timeout=KERNEL_START_TIMEOUT_SECONDS,
@@ -282,18 +383,58 @@ def _execute(
     raise AssertionError("unreachable")
 
 
-def _error_for(failure: BaseException, output: Path, abort: Abort) -> RunError:
+def _error_for(
+    failure: BaseException, output: Path, abort: Abort, committed: dict[str, Any] | None
+) -> RunError | None:
+    """The error that fails the notebook, None when every error was allowed (raises-exception)."""
+    from papermill.exceptions import PapermillExecutionError
+
     nb = load_notebook_json(output) or {}
-    found = extract_error(nb)
+    found = first_error(nb, committed)
+    if isinstance(failure, PapermillExecutionError):
+        # papermill blames the first error output, even one its own nbclient allowed; its
+        # markers then point at that cell: point them at the cell that failed, or remove them.
+        _restate_markers(output, nb, found[0] if found else None)
+        return found[1] if found else None
     if found is not None:
-        return found
+        return found[1]
     # No error output in the notebook: the kernel died, or papermill failed around the cells.
     return RunError(
-        cell_index=source_cell_index(nb, abort.current_cell),
+        cell_index=source_cell_index(nb, abort.current_cell, committed),
         ename=type(failure).__name__,
         evalue=str(failure),
         traceback="",
     )
+
+
+def _restate_markers(output: Path, nb: dict[str, Any], failed_at: int | None) -> None:
+    """papermill's two red marker cells, before the cell that failed the notebook (if any)."""
+    from papermill.execute import ERROR_ANCHOR_MSG, ERROR_MARKER_TAG, ERROR_MESSAGE_TEMPLATE
+
+    cells = nb.get("cells") or []
+    if not cells:
+        return
+    kept, position = [], None
+    for index, cell in enumerate(cells):
+        if index == failed_at:
+            position = len(kept)
+        if ERROR_MARKER_TAG not in ((cell.get("metadata") or {}).get("tags") or []):
+            kept.append(cell)
+    if position is not None:
+        count = kept[position].get("execution_count")
+
+        def marker(text: str) -> dict[str, Any]:
+            return {
+                "cell_type": "markdown",
+                "id": f"papermill-error-{len(kept)}",
+                "metadata": {"tags": [ERROR_MARKER_TAG]},
+                "source": text,
+            }
+
+        kept.insert(position, marker(ERROR_ANCHOR_MSG))
+        kept.insert(0, marker(ERROR_MESSAGE_TEMPLATE % str(count)))
+    nb["cells"] = kept
+    write_json_atomic(output, nb)
 
 
 def _preload() -> None:
@@ -311,6 +452,12 @@ def run(run_dir: Path) -> int:
     abort = Abort(files)
     signal.signal(signal.SIGTERM, lambda *_: abort.trigger(CANCELED, "canceled on request"))
 
+    try:
+        _select_kernel(config, files)
+    except KernelProblem as exc:
+        error = RunError(cell_index=None, ename="NoSuchKernel", evalue=str(exc))
+        files.finalize(FAILED, str(exc), error.to_dict())
+        return 0
     runs_root, workers = Path(config["runsRoot"]), int(config["workers"])
     standby = _acquire_slot(runs_root / STANDBY_DIR, workers, abort)
     if standby is None:
@@ -338,18 +485,20 @@ def run(run_dir: Path) -> int:
         timer.cancel()
 
     output = files.output_path(config["notebook"])
+    committed = _read_committed(files.work / config["notebook"])
     if abort.reason is not None:
         nb = load_notebook_json(output) or {}
         error = None
         if abort.reason == TIMED_OUT:
-            cell = source_cell_index(nb, abort.current_cell)
+            cell = source_cell_index(nb, abort.current_cell, committed)
             error = RunError(cell, "TimeoutError", abort.message or "", "")
         files.finalize(abort.reason, abort.message, error.to_dict() if error else None)
-    elif failure is None:
-        files.finalize(SUCCEEDED)
     else:
-        error = _error_for(failure, output, abort)
-        files.finalize(FAILED, f"{error.ename}: {error.evalue}", error.to_dict())
+        error = None if failure is None else _error_for(failure, output, abort, committed)
+        if error is None:
+            files.finalize(SUCCEEDED)
+        else:
+            files.finalize(FAILED, f"{error.ename}: {error.evalue}", error.to_dict())
     os.close(slot)  # the verdict is on disk: the next notebook may start now
     if km is not None and abort.reason is None:
         # Like papermill: ask the kernel to exit (it may flush files), bounded; then kill.
