@@ -197,7 +197,7 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
                     "checkout": state.get("checkout"),
                     "parameters": policy.parameters_for(state, notebook),
                     "timeoutSeconds": policy.notebook_timeout_seconds(state, notebook),
-                    "compute": request.get("compute", {}),
+                    "compute": policy.compute_for(state, notebook),
                     **_callback(state),
                 },
             )

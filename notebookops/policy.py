@@ -97,6 +97,18 @@ def parameters_for(state: dict[str, Any], notebook: dict[str, Any]) -> dict[str,
     return {**state["request"].get("parameters", {}), **own}
 
 
+def compute_for(state: dict[str, Any], notebook: dict[str, Any]) -> dict[str, Any]:
+    """The message's compute, with the notebook entry's own kernel or python in place of the
+    message's (an entry naming either replaces both)."""
+    compute = dict(state["request"].get("compute") or {})
+    entry = state["request"]["notebooks"][notebook["entryIndex"]]
+    if isinstance(entry, dict) and (entry.get("kernel") or entry.get("python")):
+        compute.pop("kernel", None)
+        compute.pop("python", None)
+        compute.update({k: entry[k] for k in ("kernel", "python") if entry.get(k)})
+    return compute
+
+
 def notebook_timeout_seconds(state: dict[str, Any], notebook: dict[str, Any]) -> float:
     minutes = notebook.get("timeoutMinutes") or state["request"].get("timeoutMinutes", 60)
     return float(minutes) * 60.0

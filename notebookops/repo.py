@@ -260,8 +260,11 @@ def _check_ref(ref: str) -> str:
 
 def _check_commit(commit: str) -> str:
     if not isinstance(commit, str) or not _SHA_RE.match(commit.strip().lower()):
+        from notebookops.request import FULL_COMMIT_RULE
+
+        # The words validate uses, so both commands refuse a short id the same way.
         raise _permanent(
-            f"repository.commit {commit!r} is not a full commit SHA (40 hexadecimal characters)"
+            f"repository.commit: {FULL_COMMIT_RULE}, got {json.dumps(commit, ensure_ascii=False)}"
         )
     return commit.strip().lower()
 

@@ -6,12 +6,21 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 
+def one_line(text: str) -> str:
+    """The first non-blank line, with an ellipsis when more lines follow: multi-line error
+    values would break the table and the JUnit message (the full text stays in evalue)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[0] + (" …" if len(lines) > 1 else "")
+
+
 def error_line(notebook: dict[str, Any]) -> str:
     """`ename: evalue (cell N)`, the one line a person needs to see first."""
     error = notebook.get("error")
     if not error:
-        return notebook.get("message") or ""
-    text = f"{error.get('ename')}: {error.get('evalue')}"
+        return one_line(notebook.get("message") or "")
+    text = f"{error.get('ename')}: {one_line(error.get('evalue') or '')}"
     if error.get("cellIndex") is not None:
         text += f" (cell {error['cellIndex']})"
     return text

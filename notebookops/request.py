@@ -81,9 +81,15 @@ _GUID_FIELDS = ("ProjectId", "PlanId", "JobId", "TimelineId", "TaskInstanceId")
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _HUB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_COMMIT = re.compile(r"[0-9a-f]{7,40}|[0-9a-f]{64}", re.IGNORECASE)
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}", re.IGNORECASE)
+# validate and run (notebookops.repo) refuse a short commit id with this same sentence.
+FULL_COMMIT_RULE = (
+    "must be a full commit id: 40 hex digits (64 for SHA-256); a short id cannot be fetched "
+    "from a remote, so give the whole SHA (in Azure DevOps: $(Build.SourceVersion))"
+)
 _SCP_LIKE = re.compile(r"(?P<user>[A-Za-z0-9._~%-]+)@[A-Za-z0-9][A-Za-z0-9.-]*:[^-].*")
 _DRIVE = re.compile(r"[A-Za-z]:")
+_KERNEL = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
 _RESOURCE_GROUP = re.compile(r"[-\w.()]{0,89}[-\w()]", re.ASCII)
 _WORKSPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,32}")
@@ -162,22 +168,37 @@ class NotebookEntry:
     parameters: dict[str, Any] = field(default_factory=dict)
     timeout_minutes: float | None = None
     allow_failure: bool = False
+    kernel: str | None = None  # replaces compute.kernel/python for this entry (see ComputeSpec)
+    python: str | None = None
 
     __repr__ = _masked_repr
 
     def to_dict(self) -> str | dict[str, Any]:
-        if not self.parameters and self.timeout_minutes is None and not self.allow_failure:
+        if (
+            not self.parameters
+            and self.timeout_minutes is None
+            and not self.allow_failure
+            and self.kernel is None
+            and self.python is None
+        ):
             return self.path
         out: dict[str, Any] = {"path": self.path, "parameters": copy.deepcopy(self.parameters)}
         if self.timeout_minutes is not None:
             out["timeoutMinutes"] = self.timeout_minutes
         out["allowFailure"] = self.allow_failure
+        for key, value in (("kernel", self.kernel), ("python", self.python)):
+            if value is not None:
+                out[key] = value
         return out
 
 
 @dataclass(frozen=True)
 class ComputeSpec:
-    """Where the notebooks run; target/environment/workspace mean something to Azure ML only."""
+    """Where the notebooks run; target/environment/workspace mean something to Azure ML only.
+
+    `kernel` is a Jupyter kernelspec name (every backend); `python` a Python environment on the
+    host (local backend only): the notebook runs on an ipykernel started by that interpreter.
+    """
 
     backend: str
     target: str | None = None
@@ -185,6 +206,8 @@ class ComputeSpec:
     experiment: str = "notebook-ci"
     workspace: dict[str, str] | None = None
     source_directory: str | None = None
+    kernel: str | None = None
+    python: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": self.backend}
@@ -194,6 +217,8 @@ class ComputeSpec:
             ("experiment", self.experiment),
             ("workspace", dict(self.workspace) if self.workspace is not None else None),
             ("sourceDirectory", self.source_directory),
+            ("kernel", self.kernel),
+            ("python", self.python),
         ):
             if value is not None:
                 out[key] = value
@@ -533,6 +558,7 @@ def _parse_message(
     timeout = _optional(data, "timeoutMinutes", "", problems, _minutes, 60)
     fail_fast = _optional(data, "failFast", "", problems, _boolean, False)
     max_parallel = _optional(data, "maxParallel", "", problems, _max_parallel, 20)
+    _python_needs_local(compute, notebooks, problems)
     if problems.items:
         return None
     return RunRequest(
@@ -715,7 +741,10 @@ def _parse_notebooks(value: Any, problems: _Problems) -> tuple[NotebookEntry, ..
             problems.add(path, "must be a path string or an object with a path", item)
             continue
         _unknown_keys(
-            item, ("path", "parameters", "timeoutMinutes", "allowFailure"), path, problems
+            item,
+            ("path", "parameters", "timeoutMinutes", "allowFailure", "kernel", "python"),
+            path,
+            problems,
         )
         if item.get("path") is None:
             problems.add(f"{path}.path", "is required")
@@ -725,8 +754,9 @@ def _parse_notebooks(value: Any, problems: _Problems) -> tuple[NotebookEntry, ..
         parameters = _optional(item, "parameters", path, problems, _parameters, {})
         timeout = _optional(item, "timeoutMinutes", path, problems, _minutes, None)
         allow_failure = _optional(item, "allowFailure", path, problems, _boolean, False)
+        kernel, python = _kernel_choice(item, path, problems)
         if clean is not None and parameters is not None and allow_failure is not None:
-            entries.append(NotebookEntry(clean, parameters, timeout, allow_failure))
+            entries.append(NotebookEntry(clean, parameters, timeout, allow_failure, kernel, python))
     return tuple(entries)
 
 
@@ -910,7 +940,7 @@ def _git_ref(value: Any, path: str, problems: _Problems) -> str | None:
 
 def _commit(value: Any, path: str, problems: _Problems) -> str | None:
     if not isinstance(value, str) or not _COMMIT.fullmatch(value):
-        problems.add(path, "must be a commit id of 7 to 40 (or 64) hex digits", value)
+        problems.add(path, FULL_COMMIT_RULE, value)
         return None
     return value.lower()
 
@@ -922,7 +952,16 @@ def _parse_compute(
     if value is not None:
         checked = _require_object(value, "compute", problems)
         compute = checked or {}
-    allowed = ("backend", "target", "environment", "experiment", "workspace", "sourceDirectory")
+    allowed = (
+        "backend",
+        "target",
+        "environment",
+        "experiment",
+        "workspace",
+        "sourceDirectory",
+        "kernel",
+        "python",
+    )
     _unknown_keys(compute, allowed, "compute", problems)
     backend = compute.get("backend")
     backend_path = "compute.backend"
@@ -940,6 +979,7 @@ def _parse_compute(
     experiment = _optional(compute, "experiment", "compute", problems, _experiment, "notebook-ci")
     workspace = _optional(compute, "workspace", "compute", problems, _workspace, None)
     source_dir = _optional(compute, "sourceDirectory", "compute", problems, _source_dir, None)
+    kernel, python = _kernel_choice(compute, "compute", problems)
     return ComputeSpec(
         backend=backend,
         target=target,
@@ -947,7 +987,72 @@ def _parse_compute(
         experiment=experiment or "notebook-ci",
         workspace=workspace,
         source_directory=source_dir,
+        kernel=kernel,
+        python=python,
     )
+
+
+def _kernel_choice(
+    obj: Mapping[str, Any], path: str, problems: _Problems
+) -> tuple[str | None, str | None]:
+    """`kernel` and `python` of the message's compute or of one notebook entry: one or neither."""
+    kernel = _optional(obj, "kernel", path, problems, _kernel_name, None)
+    python = _optional(obj, "python", path, problems, _python_path, None)
+    if kernel is not None and python is not None:
+        problems.add(
+            _join(path, "python"),
+            "cannot be combined with kernel: name a kernelspec or a Python environment, not both",
+            python,
+        )
+    return kernel, python
+
+
+def _python_needs_local(
+    compute: ComputeSpec, notebooks: tuple[NotebookEntry, ...], problems: _Problems
+) -> None:
+    """A Python environment on the host means nothing to a remote backend."""
+    if compute.backend == "local":
+        return
+    where = [("compute.python", compute.python)] + [
+        (f"notebooks[{i}].python", entry.python) for i, entry in enumerate(notebooks)
+    ]
+    for path, value in where:
+        if value is not None:
+            problems.add(
+                path,
+                f"applies to the local backend only; on {compute.backend} the notebook's packages "
+                "come from compute.environment (kernel picks a kernelspec in it)",
+                value,
+            )
+
+
+def _kernel_name(value: Any, path: str, problems: _Problems) -> str | None:
+    if not isinstance(value, str) or not _KERNEL.fullmatch(value):
+        problems.add(
+            path,
+            "must be a Jupyter kernelspec name (1-128 letters, digits, '.', '_' or '-', as "
+            "`jupyter kernelspec list` shows them)",
+            value,
+        )
+        return None
+    return value
+
+
+def _python_path(value: Any, path: str, problems: _Problems) -> str | None:
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or len(value) > 1024
+        or _has_control_chars(value)
+    ):
+        problems.add(
+            path,
+            "must be the absolute path of a Python virtual environment (its folder) or of its "
+            "python executable on the host running the local backend",
+            value,
+        )
+        return None
+    return value
 
 
 def _experiment(value: Any, path: str, problems: _Problems) -> str | None:

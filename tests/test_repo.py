@@ -231,9 +231,16 @@ def test_symlink_inside_the_repository_is_accepted(broken: str) -> None:
 
 
 def test_bad_commit_values_are_refused(broken: str) -> None:
-    with pytest.raises(RepoError, match=r"repository.commit 'abc1234' is not a full") as err:
+    from notebookops.request import inspect_message
+
+    with pytest.raises(RepoError) as err:
         resolve_and_checkout(broken, "main", "abc1234", ["nb/ok.ipynb"])
     assert err.value.permanent
+    # validate refuses it in the same words, before anything is cloned.
+    body = {"repository": {"url": "https://h/r", "commit": "abc1234"}, "notebooks": ["a.ipynb"]}
+    _, _, errors = inspect_message(json.dumps(body))
+    assert errors == [str(err.value)]
+    assert "short id cannot be fetched" in errors[0]
 
 
 @pytest.mark.parametrize("kind", ["file-url", "path"])

@@ -133,7 +133,10 @@ def test_datacontract_and_bom_bodies_parse_the_same():
 def test_round_trip_through_to_dict():
     request = parse_request(
         body(
-            repository={"url": "git@ssh.dev.azure.com:v3/org/proj/repo", "commit": "ABCDEF1"},
+            repository={
+                "url": "git@ssh.dev.azure.com:v3/org/proj/repo",
+                "commit": "ABCDEF1" * 5 + "ABCDE",
+            },
             notebooks=["a.ipynb", {"path": "b.ipynb", "parameters": {"x": [1, {"y": None}]}}],
             compute={
                 "backend": "azureml-v1",
@@ -151,7 +154,7 @@ def test_round_trip_through_to_dict():
         ),
         properties=properties(),
     )
-    assert request.commit == "abcdef1"
+    assert request.commit == "abcdef1" * 5 + "abcde"
     assert request.callback is not None and request.callback.build_id == "42"
     as_dict = request.to_dict()
     assert json.loads(json.dumps(as_dict)) == as_dict
@@ -185,7 +188,7 @@ def test_every_error_is_reported_at_once_with_field_and_value():
     for expected in [
         'repository.url: must use https:// (or ssh), not http://, got "http://example.com/r.git"',
         "repository.ref: must be a safe git ref name",
-        'repository.commit: must be a commit id of 7 to 40 (or 64) hex digits, got "xyz"',
+        "repository.commit: must be a full commit id: 40 hex digits (64 for SHA-256)",
         'notebooks[1]: must be relative to the repository root, not absolute, got "/abs.ipynb"',
         "notebooks[2]: must be relative to the repository root, not start with a drive letter",
         'notebooks[3].path: must stay inside the repository (no .. segments), got "a/../../b.ipynb"',
@@ -406,12 +409,12 @@ def test_unsafe_refs(ref):
 
 
 def test_commit_lengths():
-    for commit in ["abc1234", "a" * 40, "b" * 64]:
+    for commit in ["a" * 40, "b" * 64]:
         assert (
             parse_request(body(repository={"url": "https://h/r", "commit": commit})).commit
             == commit
         )
-    for commit in ["abc123", "a" * 41, "g" * 40]:
+    for commit in ["abc1234", "abc123", "a" * 41, "g" * 40]:
         assert errors_of(body(repository={"url": "https://h/r", "commit": commit}))
 
 

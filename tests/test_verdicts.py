@@ -1,0 +1,125 @@
+"""The notebook's environment in the message, and errors people read on one line.
+
+Real-kernel behaviour (kernel choice, tags, malformed notebooks next to good ones) is in
+tests/test_verdicts_corpus.py; these are the rules around it."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from notebookops import policy
+from notebookops.report import error_line, junit_xml, summary_table
+from notebookops.request import inspect_message, parse_request
+
+REPO = {"url": "https://dev.azure.com/o/p/_git/r"}
+
+
+def errors_of(**fields):
+    _, _, errors = inspect_message({"repository": REPO, "notebooks": ["a.ipynb"], **fields})
+    return errors
+
+
+def test_kernel_and_python_are_validated_fields_per_message_and_per_notebook():
+    request = parse_request(
+        {
+            "repository": REPO,
+            "notebooks": [
+                "a.ipynb",
+                {"path": "r/*.ipynb", "kernel": "ir"},
+                {"path": "b.ipynb", "python": "/opt/envs/ml"},
+            ],
+            "compute": {"backend": "local", "kernel": "python3"},
+        }
+    )
+    assert request.compute.kernel == "python3"
+    as_dict = request.to_dict()
+    assert as_dict["compute"]["kernel"] == "python3"
+    assert as_dict["notebooks"][1]["kernel"] == "ir"
+    assert as_dict["notebooks"][2]["python"] == "/opt/envs/ml"
+    assert parse_request(as_dict).to_dict() == as_dict  # survives the orchestration input
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"compute": {"kernel": "py 3"}}, "compute.kernel: must be a Jupyter kernelspec name"),
+        ({"compute": {"kernel": 3}}, "compute.kernel: must be a Jupyter kernelspec name"),
+        ({"compute": {"python": "venv"}}, "compute.python: must be the absolute path"),
+        (
+            {"compute": {"kernel": "python3", "python": "/v"}},
+            "compute.python: cannot be combined with kernel",
+        ),
+        (
+            {"compute": {"backend": "azureml", "python": "/v"}},
+            "compute.python: applies to the local backend only; on azureml",
+        ),
+        (
+            {"compute": {"kernal": "python3"}},
+            'compute.kernal: unknown field (did you mean "kernel"?)',
+        ),
+    ],
+)
+def test_bad_environment_choices_name_the_field_and_value(fields, expected):
+    errors = errors_of(**fields)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_a_notebook_entry_choice_replaces_the_messages():
+    request = parse_request(
+        {
+            "repository": REPO,
+            "notebooks": ["a.ipynb", {"path": "b.ipynb", "python": "/opt/envs/ml"}],
+            "compute": {"backend": "local", "kernel": "python3"},
+        }
+    ).to_dict()
+    state = {"request": request}
+    first = policy.compute_for(state, {"entryIndex": 0})
+    second = policy.compute_for(state, {"entryIndex": 1})
+    assert (first.get("kernel"), first.get("python")) == ("python3", None)
+    assert (second.get("kernel"), second.get("python")) == (None, "/opt/envs/ml")
+    assert request["compute"]["kernel"] == "python3"  # the message itself is not changed
+
+
+MULTI = "first line of the problem\n  detail one\n  detail two"
+
+
+def _summary():
+    return {
+        "instanceId": "i",
+        "result": "failed",
+        "commit": None,
+        "startedAt": "2026-01-01T00:00:00Z",
+        "counts": {"total": 1, "succeeded": 0, "failed": 1, "timedOut": 0, "canceled": 0},
+        "errors": [],
+        "notebooks": [
+            {
+                "path": "nb/x.ipynb",
+                "state": "failed",
+                "allowFailure": False,
+                "durationSeconds": 1.0,
+                "error": {
+                    "cellIndex": 2,
+                    "ename": "ValueError",
+                    "evalue": MULTI,
+                    "traceback": "tb",
+                },
+                "message": None,
+                "outputNotebook": None,
+            }
+        ],
+    }
+
+
+def test_multi_line_error_values_are_one_line_in_the_table_and_junit_message():
+    summary = _summary()
+    assert error_line(summary["notebooks"][0]) == (
+        "ValueError: first line of the problem … (cell 2)"
+    )
+    table = summary_table(summary).splitlines()
+    assert len(table) == 4  # header, rule, one row, result
+    assert "ValueError: first line of the problem … (cell 2)" in table[2]
+    failure = ET.fromstring(junit_xml(summary)).find(".//failure")
+    assert failure.get("message") == "ValueError: first line of the problem … (cell 2)"
+    assert summary["notebooks"][0]["error"]["evalue"] == MULTI  # the full text stays
