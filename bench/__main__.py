@@ -1,8 +1,9 @@
 """`python -m bench [--only NAMES] [--tiny] [--json FILE]`: run the benchmarks, print a table.
 
-Names: throughput (1), scale (2), startup (3), clone (4), single (5). `--tiny` runs each on a tiny
-size with few repetitions (the smoke test's mode: figures are then not meaningful, only the
-machinery is checked).
+Names: throughput (1), scale (2), startup (3), clone (4), single (5), repo-size (6), wide (7).
+`--tiny` runs each on a tiny size with few repetitions (the smoke test's mode: figures are then
+not meaningful, only the machinery is checked). Peer tools run from their own venvs, built on
+first use and cached (bench/peers.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 
 from bench.common import Report, table
 
-ORDER = ["startup", "scale", "clone", "single", "throughput"]
+ORDER = ["startup", "scale", "clone", "single", "throughput", "repo-size", "wide"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +65,8 @@ def _run(name: str, report: Report, tiny: bool):
     if name == "scale":
         from bench import scale
 
+        # 3 repetitions below N=500 (5 before issue 17): make bench must fit in 12 minutes
+        # with benchmarks 6 and 7 added.
         return scale.run(report, sizes=(3,) if tiny else (10, 100, 500), tiny=tiny)
     if name == "clone":
         from bench import clone
@@ -74,13 +77,27 @@ def _run(name: str, report: Report, tiny: bool):
     if name == "single":
         from bench import throughput
 
-        return throughput.run_single(report, repeats=1 if tiny else 5)
+        return throughput.run_single(report, repeats=1 if tiny else 3)
     if name == "throughput":
         from bench import throughput
 
         if tiny:
-            return throughput.run_throughput(report, notebooks=2, sleep=0.1, repeats=1)
+            return throughput.run_throughput(
+                report, notebooks=2, sleep=0.1, rounds=1, loop_rounds=1, single_worker_rounds=1
+            )
         return throughput.run_throughput(report)
+    if name == "repo-size":
+        from bench import reposize
+
+        if tiny:
+            return reposize.run(
+                report, small_mb=0.05, large_mb=2, counts=(2,), repeats=1, cold_repeats=1
+            )
+        return reposize.run(report)
+    if name == "wide":
+        from bench import wide
+
+        return wide.run(report, notebooks=3 if tiny else 500)
     raise AssertionError(name)
 
 

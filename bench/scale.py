@@ -189,7 +189,7 @@ def run(
             files = {f"nb/n{i:03d}.ipynb": _fake_notebook(p) for i, p in enumerate(polls)}
             repo = write_repo(root / f"repo{n}", files, genv)
             paths = list(files)
-            reps = repeats or (1 if tiny else (5 if n <= 100 else 1))
+            reps = repeats or (1 if tiny else (3 if n <= 100 else 1))
             ours = [_ours(repo, paths, root / f"state-o{n}-{i}", 600) for i in range(reps)]
             # The baseline's cost is quadratic in rounds: one run under a budget. At N=100 it
             # runs until it has spent 10.5x our median replay CPU (enough to decide the goal)
