@@ -19,6 +19,8 @@ from notebookops import __version__
 __all__ = ["COMMANDS", "EXIT_INVALID", "UsageError", "build_parser", "main", "read_properties"]
 
 EXIT_INVALID = 2
+# The installed console script is `notebookops`; from a checkout it is `python -m notebookops`.
+PROG = "notebookops" if Path(sys.argv[0]).name == "notebookops" else "python -m notebookops"
 
 Subparsers = Any  # argparse keeps the subparsers action type private
 CommandAdder = Callable[[Subparsers], None]
@@ -97,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         args.workers,
         quiet=args.quiet,
         rerun=args.rerun,
+        app=args.app,
     )
 
 
@@ -134,9 +137,19 @@ def add_run_command(subparsers: Subparsers) -> None:
         metavar="N",
         help="notebooks run at once on the local backend (default: CPU count)",
     )
+    _add_app_argument(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="show host and app logs")
     parser.set_defaults(handler=_run)
+
+
+def _add_app_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--app",
+        metavar="DIR",
+        help="the function app folder to host (default: this checkout's, else the one "
+        "installed with the notebookops package)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -168,6 +181,7 @@ def add_serve_command(subparsers: Subparsers) -> None:
         "/runtime/webhooks/durabletask/ and HTTP functions under /api/.",
     )
     add_serve_arguments(parser, default_app=None)
+    _add_app_argument(parser)
     parser.add_argument(
         "--allow-local-repos",
         action="store_true",
@@ -182,7 +196,7 @@ COMMANDS: list[CommandAdder] = [add_validate_command, add_run_command, add_serve
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m notebookops",
+        prog=PROG,
         description="Run Jupyter notebooks from Azure DevOps on Azure ML or locally.",
     )
     parser.add_argument("--version", action="version", version=f"notebookops {__version__}")

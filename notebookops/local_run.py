@@ -26,6 +26,30 @@ from notebookops import sealing
 from notebookops.message_file import command_line_settings, read_message_file
 
 APP_ROOT = Path(__file__).resolve().parent.parent
+APP_PACKAGE = "notebookops_app"
+
+
+def app_root(explicit: str | None = None) -> Path:
+    """The function app folder to host: --app, else this checkout, else the installed copy.
+
+    `pip install .` installs function_app.py, host.json and the function folders as the
+    package notebookops_app (see pyproject.toml), so the command works from any folder.
+    """
+    if explicit:
+        return Path(explicit).resolve()
+    if (APP_ROOT / "function_app.py").is_file():
+        return APP_ROOT
+    import importlib.util
+
+    spec = importlib.util.find_spec(APP_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"no function app found: {APP_ROOT} has no function_app.py and the package "
+            f"{APP_PACKAGE} is not installed; give --app DIR"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 TERMINAL = {"Completed", "Failed", "Terminated", "Canceled"}
 
@@ -121,6 +145,7 @@ def run(
     workers: int | None,
     quiet: bool = False,
     rerun: bool = False,
+    app: str | None = None,
 ) -> int:
     from devhost import Host
     from notebookops.report import junit_xml, summary_table
@@ -157,7 +182,7 @@ def run(
         flush=True,
     )
     try:
-        with Host(APP_ROOT, state_dir / "devhost", clock="real") as host:
+        with Host(app_root(app), state_dir / "devhost", clock="real") as host:
             existing = host.get_status(instance_id, show_input=False)
             if existing and rerun:
                 if existing["runtimeStatus"] not in TERMINAL:
@@ -388,7 +413,7 @@ def serve(args: Any) -> int:
             "to allow them"
         )
     print(f"notebookops serve: {note}", file=sys.stderr, flush=True)
-    return run_server(str(APP_ROOT), args)
+    return run_server(str(app_root(args.app)), args)
 
 
 def quiet_logs(verbose: bool) -> None:
