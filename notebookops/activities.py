@@ -141,10 +141,22 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
     except RepoError as exc:
         if exc.permanent:
             return {"ok": False, "error": redact.redact_known(str(exc))}
-        raise
+        raise TransientError.of(exc) from None
+    except Exception as exc:
+        # Retried by the host; after the last attempt its text becomes that notebook's error
+        # in the summary, so it is redacted here, where the secrets are known.
+        raise TransientError.of(exc) from None
     log.info("submit: %s -> %s", payload["path"], handle.run_id)
     _tell(_devops(payload), [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"])
     return {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
+
+
+class TransientError(Exception):
+    """A failure worth retrying, its text redacted: `Type: message` of the original error."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> TransientError:
+        return cls(redact.redact_known(f"{type(exc).__name__}: {exc}"))
 
 
 def _tags(payload: dict[str, Any]) -> dict[str, str]:
@@ -251,16 +263,24 @@ def _stop(instance_id: str, stop: dict[str, Any]) -> dict[str, Any]:
     handle = RunHandle.from_dict(stop["handle"])
     backend = _backend(handle)
     status = backend.status(handle)
-    if not status.terminal:
-        backend.cancel(handle)
-        status = backend.status(handle)
-        # The orchestrator decided why it stopped (deadline or failFast): report that.
-        return {
-            **_describe(instance_id, stop["path"], handle, backend, status),
-            "state": stop["state"],
-            "message": stop["message"],
-        }
-    return _describe(instance_id, stop["path"], handle, backend, status)
+    if status.terminal:  # it ended on its own meanwhile: its own verdict stands
+        return _describe(instance_id, stop["path"], handle, backend, status)
+    backend.cancel(handle)
+    status = backend.status(handle)
+    # The orchestrator decided why it stopped (deadline or failFast): report that.
+    return {
+        **_describe(instance_id, stop["path"], handle, backend, status),
+        "state": stop["state"],
+        "message": stop["message"],
+        "stopped": True,
+    }
+
+
+def _running_cell(path: str | None) -> int | None:
+    from notebookops.notebook_errors import load_notebook_json, running_cell_index
+
+    nb = load_notebook_json(Path(path)) if path else None
+    return running_cell_index(nb) if nb else None
 
 
 def _observe(instance_id: str, path: str, handle: Any) -> dict[str, Any]:
@@ -276,6 +296,7 @@ def _describe(
         "state": status.state,
         "message": status.message,
         "error": status.error.to_dict() if status.error else None,
+        "startedAt": status.started_at,  # execution start: the notebook's deadline counts from it
     }
     if status.started_at and status.ended_at:
         result["durationSeconds"] = round(
@@ -285,6 +306,9 @@ def _describe(
         dest = output_root(instance_id) / "notebooks" / PurePosixPath(path)
         fetched = backend.fetch_output(handle, dest)
         result["outputNotebook"] = str(fetched) if fetched else None
+        if status.state == "canceled":
+            # Stopped from outside (a deadline, the service's own timeout): where it was.
+            result["runningCell"] = _running_cell(result["outputNotebook"])
     return result
 
 

@@ -59,6 +59,7 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
                 started_at=context.current_utc_datetime,
             )
         state["errors"].append(f"orchestration failed: {_first_line(exc)}")
+        yield from cancel_created(context, state)
         for notebook in state["notebooks"]:
             if notebook["state"] not in policy.TERMINAL_STATES:
                 policy.finish(
@@ -115,6 +116,7 @@ def _callback(state: dict[str, Any]) -> dict[str, Any]:
 
 def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
     """Returns True when every notebook is finished, False after continue_as_new."""
+    policy.mark_ready(state, context.current_utc_datetime)
     for _ in range(ROUNDS_PER_GENERATION):
         yield from _monitor(
             context,
@@ -202,15 +204,47 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
                 },
             )
         )
-    results = yield context.task_all(tasks)
+    results = yield from _each_result(context, tasks)
     now = context.current_utc_datetime
     for notebook, result in zip(ready, results, strict=True):
+        if isinstance(result, Exception):
+            # Out of retries (a 429 storm, an outage): that notebook fails, the others go on.
+            result = policy.submit_failure(result)
         if result.get("pollPolicy") and not state.get("pollPolicy"):
             state["pollPolicy"] = result["pollPolicy"]
-        policy.mark_submitted(
-            notebook, result, now, policy.notebook_timeout_seconds(state, notebook)
-        )
+        policy.mark_submitted(notebook, result, now)
     context.set_custom_status(policy.custom_status(state, "running"))
+
+
+def _each_result(context: df.DurableOrchestrationContext, tasks: list[Task]) -> Generator:
+    """Like task_all, but one failed task does not fail the rest: returns each task's value,
+    or the exception it failed with, in the tasks' order. (task_all fails at the first error
+    and leaves the other results unread.)"""
+    pending = list(tasks)
+    while pending:
+        done = yield context.task_any(pending)
+        pending = [t for t in pending if t is not done]
+    return [t.result for t in tasks]
+
+
+def cancel_created(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
+    """Cancel every run already created and not finished: for any path that stops the
+    orchestration early on an error. Never raises; a cancel that fails too is added to the
+    run's errors, so nobody is told the runs were stopped when they may still be going."""
+    stops = policy.stop_created(
+        state,
+        context.current_utc_datetime,
+        "the orchestration stopped before this notebook finished",
+    )
+    if not stops:
+        return
+    try:
+        yield from _monitor(context, state, stops, poll=False)
+    except Exception as exc:
+        state["errors"].append(
+            f"could not cancel {len(stops)} run(s) ({', '.join(s['path'] for s in stops)}): "
+            f"{_first_line(exc)}"
+        )
 
 
 def _report(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:

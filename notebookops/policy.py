@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from notebookops.compute.base import TERMINAL_STATES
+from notebookops.compute.base import TERMINAL_STATES, parse_iso
 
 PENDING = "pending"  # not submitted yet (waiting for a maxParallel slot)
 ACTIVE_STATES = frozenset({"queued", "running"})
@@ -19,6 +19,11 @@ RESULTS = ("succeeded", "succeededWithIssues", "failed", "canceled")
 
 # Poll spacing when a backend reports none (first round, factor, cap), in seconds.
 DEFAULT_POLL = {"firstIntervalSeconds": 5.0, "factor": 1.5, "maxIntervalSeconds": 60.0}
+
+# A notebook's own limit is enforced by whatever runs it (the local runner, the Azure ML job),
+# which can name the cell that was running and save the partial notebook. The orchestrator
+# stops the run itself only this long after the limit, for a runner that could not.
+RUNNER_GRACE_SECONDS = 60.0
 
 
 def iso(ts: datetime) -> str:
@@ -70,8 +75,10 @@ def add_notebooks(state: dict[str, Any], clone: dict[str, Any]) -> None:
                 "portalUrl": None,
                 "handle": None,
                 "submittedAt": None,
-                "deadline": None,
+                "startedAt": None,  # execution start, once the backend reports it running
+                "deadline": None,  # startedAt + timeoutMinutes + RUNNER_GRACE_SECONDS
                 "durationSeconds": None,
+                "queuedSeconds": None,
                 "error": None,
                 "message": None,
                 "outputNotebook": None,
@@ -109,9 +116,25 @@ def compute_for(state: dict[str, Any], notebook: dict[str, Any]) -> dict[str, An
     return compute
 
 
+def notebook_timeout_minutes(state: dict[str, Any], notebook: dict[str, Any]) -> float:
+    return float(notebook.get("timeoutMinutes") or state["request"].get("timeoutMinutes", 60))
+
+
 def notebook_timeout_seconds(state: dict[str, Any], notebook: dict[str, Any]) -> float:
-    minutes = notebook.get("timeoutMinutes") or state["request"].get("timeoutMinutes", 60)
-    return float(minutes) * 60.0
+    """The notebook's execution limit, handed to the backend (from when it starts running)."""
+    return notebook_timeout_minutes(state, notebook) * 60.0
+
+
+def mark_ready(state: dict[str, Any], now: datetime) -> None:
+    """Queue time counts from here: the clone is done and the notebooks wait to run (for a
+    maxParallel slot, then in the backend's queue)."""
+    for notebook in state["notebooks"]:
+        if not notebook.get("readyAt"):
+            notebook["readyAt"] = iso(now)
+
+
+def _minutes(value: float) -> str:
+    return f"{value:g}"
 
 
 def active(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -130,15 +153,36 @@ def free_slots(state: dict[str, Any]) -> int:
     return max(0, int(state["request"].get("maxParallel", 20)) - len(active(state)))
 
 
-def mark_submitted(
-    notebook: dict[str, Any], result: dict[str, Any], now: datetime, timeout_seconds: float
-) -> None:
+def one_line(text: str, limit: int = 500) -> str:
+    """The first non-empty line of an error, cut to `limit` characters."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(lines) > 1 or len(first) > limit:
+        first = first[: limit - 1].rstrip() + "\u2026"
+    return first
+
+
+def submit_failure(error: BaseException | str) -> dict[str, Any]:
+    """A submit activity that ran out of retries, as a submit result for that notebook only.
+
+    The durable SDK words it "Activity function 'ActivitySubmit' failed: Type: message" plus a
+    JSON blob on the next lines; people need the `Type: message` part."""
+    text = one_line(str(error))
+    for prefix in ("Activity function 'ActivitySubmit' failed:", "TransientError:"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :].strip()
+    return {"ok": False, "error": f"submit failed after its retries: {text or 'unknown error'}"}
+
+
+def mark_submitted(notebook: dict[str, Any], result: dict[str, Any], now: datetime) -> None:
+    """Record a submit. The notebook's deadline is not set here: it counts from the moment the
+    backend reports it running (see mark_running), so queue time cannot time it out."""
     if not result.get("ok"):
         finish(
             notebook,
             "failed",
             now,
-            message=result.get("error", "submit failed"),
+            message=one_line(result.get("error") or "submit failed"),
             ename="SubmitFailed",
         )
         return
@@ -149,8 +193,36 @@ def mark_submitted(
         runId=handle.get("runId"),
         portalUrl=handle.get("portalUrl"),
         submittedAt=iso(now),
-        deadline=iso(now + timedelta(seconds=timeout_seconds)),
+        deadline=None,
     )
+
+
+def mark_running(
+    state: dict[str, Any], notebook: dict[str, Any], reported: str | None, now: datetime
+) -> None:
+    """The notebook executes: its own deadline starts now, or when the backend says it started.
+
+    The backend's startedAt is on the backend's clock; it is trusted only between submission and
+    this observation (a skewed or garbled time can neither shorten the deadline below what the
+    orchestrator saw nor push it past the first round that saw the run going)."""
+    if notebook.get("startedAt"):
+        return
+    started = now
+    when = parse_iso(reported) if reported else None
+    submitted = parse(notebook["submittedAt"]) if notebook.get("submittedAt") else None
+    if when is not None:
+        started = min(when, now)
+        if submitted is not None:
+            started = max(started, submitted)
+    notebook["startedAt"] = iso(started)
+    ready = notebook.get("readyAt") or notebook.get("submittedAt") or iso(started)
+    notebook["queuedSeconds"] = _seconds_between(ready, started)
+    limit = notebook_timeout_seconds(state, notebook) + RUNNER_GRACE_SECONDS
+    notebook["deadline"] = iso(started + timedelta(seconds=limit))
+
+
+def _seconds_between(since: str, until: datetime) -> float:
+    return round(max(0.0, (until - parse(since)).total_seconds()), 3)
 
 
 def finish(
@@ -171,17 +243,25 @@ def finish(
                 "evalue": message,
                 "traceback": "",
             }
-    if notebook.get("durationSeconds") is None and notebook.get("submittedAt"):
-        notebook["durationSeconds"] = round(
-            (now - parse(notebook["submittedAt"])).total_seconds(), 3
-        )
+    # durationSeconds is execution time: measured from the start, when there was one; a
+    # notebook that never ran has none, and all its time was queue time.
+    if notebook.get("startedAt"):
+        if notebook.get("durationSeconds") is None:
+            notebook["durationSeconds"] = _seconds_between(notebook["startedAt"], now)
+    elif notebook.get("queuedSeconds") is None and notebook.get("readyAt"):
+        notebook["queuedSeconds"] = _seconds_between(notebook["readyAt"], now)
 
 
 def cancellations(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     """Runs to stop now, each with the state it ends in: deadlines first, then failFast.
 
+    - The run's deadline (wall clock) times out what is running and cancels what never
+      started: a notebook still queued did not fail, it was not given its chance.
+    - A notebook's own deadline exists only once it runs (mark_running), so queue time
+      cannot time it out.
     Notebooks never submitted end at once (they have no run to cancel)."""
     run_deadline = parse(state["deadline"])
+    run_minutes = _minutes(float(state["request"].get("timeoutMinutes", 60)))
     stops: list[dict[str, Any]] = []
     fail_fast = bool(state["request"].get("failFast")) and any(
         n["state"] in FAILURE_STATES and not n["allowFailure"] for n in state["notebooks"]
@@ -189,16 +269,22 @@ def cancellations(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     for notebook in state["notebooks"]:
         if notebook["state"] in TERMINAL_STATES:
             continue
-        if now >= run_deadline:
-            reason, why = "timedOut", "the run's timeoutMinutes was reached"
-        elif notebook["state"] in ACTIVE_STATES and now >= parse(notebook["deadline"]):
-            reason, why = "timedOut", "the notebook's timeoutMinutes was reached"
+        started = notebook["state"] == "running" or bool(notebook.get("startedAt"))
+        if now >= run_deadline and started:
+            reason, why = "timedOut", f"the run's timeoutMinutes {run_minutes} reached"
+        elif now >= run_deadline:
+            reason, why = "canceled", "not started before the run's deadline"
+            why += f" (timeoutMinutes {run_minutes})"
+        elif notebook.get("deadline") and now >= parse(notebook["deadline"]):
+            limit = _minutes(notebook_timeout_minutes(state, notebook))
+            reason, why = "timedOut", f"timeoutMinutes {limit} reached"
         elif fail_fast:
             reason, why = "canceled", "canceled by failFast after another notebook failed"
         else:
             continue
         if notebook["state"] == PENDING:
-            finish(notebook, "canceled", now, message=f"not started: {why}")
+            prefix = "" if why.startswith("not started") else "not started: "
+            finish(notebook, "canceled", now, message=prefix + why)
             continue
         stops.append(
             {
@@ -218,24 +304,56 @@ def apply_monitor(state: dict[str, Any], results: list[dict[str, Any]], now: dat
         if notebook is None or notebook["state"] in TERMINAL_STATES:
             continue
         new_state = result.get("state") or notebook["state"]
+        ran = new_state == "running" or (
+            new_state in TERMINAL_STATES and (result.get("startedAt") or new_state != "canceled")
+        )
+        if ran and notebook["state"] != PENDING:
+            mark_running(state, notebook, result.get("startedAt"), now)
         if result.get("durationSeconds") is not None:
             notebook["durationSeconds"] = result["durationSeconds"]
         if result.get("error"):
             notebook["error"] = result["error"]
         if result.get("outputNotebook"):
             notebook["outputNotebook"] = result["outputNotebook"]
+        message = result.get("message")
+        if (
+            new_state == "canceled"
+            and not result.get("stopped")
+            and _past_limit(state, notebook, now)
+        ):
+            # Canceled by the backend itself after the notebook's limit (an Azure ML job's own
+            # timeout): that is the limit firing, not someone canceling.
+            limit = _minutes(notebook_timeout_minutes(state, notebook))
+            new_state, message = "timedOut", f"timeoutMinutes {limit} reached"
+            notebook["error"] = None
+        if new_state == "timedOut" and (result.get("stopped") or notebook.get("error") is None):
+            # Stopped from outside the runner: say where it was, from the partial notebook.
+            message, notebook["error"] = timeout_verdict(message or "", result.get("runningCell"))
         if new_state in TERMINAL_STATES:
             finish(
                 notebook,
                 new_state,
                 now,
-                message=result.get("message"),
-                ename="RunFailed" if new_state == "failed" else None,
+                message=message,
+                ename={"failed": "RunFailed", "timedOut": "TimeoutError"}.get(new_state),
             )
         else:
             notebook["state"] = new_state
-            if result.get("message"):
-                notebook["message"] = result["message"]
+            if message:
+                notebook["message"] = message
+
+
+def timeout_verdict(limit: str, cell: int | None) -> tuple[str, dict[str, Any]]:
+    """`timeoutMinutes 3 reached in cell 5`, and the error that goes with it."""
+    message = f"{limit} in cell {cell}" if cell is not None else limit
+    return message, {"cellIndex": cell, "ename": "TimeoutError", "evalue": limit, "traceback": ""}
+
+
+def _past_limit(state: dict[str, Any], notebook: dict[str, Any], now: datetime) -> bool:
+    if not notebook.get("startedAt"):
+        return False
+    elapsed = (now - parse(notebook["startedAt"])).total_seconds()
+    return elapsed >= notebook_timeout_seconds(state, notebook)
 
 
 def next_wake(state: dict[str, Any], now: datetime) -> datetime:
@@ -339,7 +457,8 @@ def summary(state: dict[str, Any], finished_at: datetime) -> dict[str, Any]:
                 "allowFailure": n["allowFailure"],
                 "runId": n["runId"],
                 "portalUrl": n["portalUrl"],
-                "durationSeconds": n["durationSeconds"],
+                "durationSeconds": n["durationSeconds"],  # execution only
+                "queuedSeconds": n.get("queuedSeconds"),  # accepted -> execution start
                 "error": n["error"],
                 "message": n["message"],
                 "outputNotebook": n["outputNotebook"],
@@ -368,6 +487,25 @@ def stop_all(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
         if notebook["state"] == PENDING:
             finish(notebook, "canceled", now, message=f"not started: {why}")
         elif notebook["state"] in ACTIVE_STATES:
+            stops.append(
+                {
+                    "path": notebook["path"],
+                    "handle": notebook["handle"],
+                    "state": "canceled",
+                    "message": why,
+                }
+            )
+    return stops
+
+
+def stop_created(state: dict[str, Any], now: datetime, why: str) -> list[dict[str, Any]]:
+    """Stops for every run already created and not finished (the orchestration itself is
+    stopping); notebooks never submitted end at once."""
+    stops = []
+    for notebook in state["notebooks"]:
+        if notebook["state"] == PENDING:
+            finish(notebook, "canceled", now, message=f"not started: {why}")
+        elif notebook["state"] in ACTIVE_STATES and notebook.get("handle"):
             stops.append(
                 {
                     "path": notebook["path"],

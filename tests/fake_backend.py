@@ -4,9 +4,12 @@ It stands in for a remote service (Azure ML cannot be reached from here) and fol
 backend contract: a run finishes after a number of status polls, with an outcome, both
 read from the notebook's own metadata so a test states its scenario in the repository:
 
-    {"metadata": {"fake": {"polls": 3, "outcome": "failed", "transient": 0}}}
+    {"metadata": {"fake": {"polls": 3, "outcome": "failed", "transient": 0, "queuedPolls": 0}}}
 
-`transient` makes that many status calls raise ConnectionError first (a flaky service).
+`queuedPolls` keeps the run `queued` for that many status polls before it starts (a busy
+cluster scaling up; -1: it never starts), `polls` then counts the polls it runs for (-1:
+it never finishes by itself). `transient` makes that many status calls raise ConnectionError
+first (a flaky service), `throttle` that many submits fail as a 429 would (-1: all of them).
 Runs live in a class-level table, so a "restarted" backend object still finds them.
 """
 
@@ -31,7 +34,9 @@ class FakeBackend:
     name = "fake"
     poll_policy = PollPolicy(first_interval_seconds=10.0, factor=1.5, max_interval_seconds=60.0)
     runs: ClassVar[dict[str, dict[str, Any]]] = {}
-    submits: ClassVar[list[str]] = []
+    submits: ClassVar[list[str]] = []  # submits that created (or found) a run
+    attempts: ClassVar[list[str]] = []  # every submit call, throttled ones included
+    throttled: ClassVar[dict[str, int]] = {}
     lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
@@ -39,6 +44,8 @@ class FakeBackend:
         with cls.lock:
             cls.runs.clear()
             cls.submits.clear()
+            cls.attempts.clear()
+            cls.throttled.clear()
 
     def submit(self, spec: RunSpec) -> RunHandle:
         notebook = json.loads((Path(spec.checkout) / spec.notebook).read_text())
@@ -46,6 +53,15 @@ class FakeBackend:
         if scenario.get("refuse"):
             raise PermanentBackendError(f"compute target {spec.compute.get('target')!r} not found")
         with self.lock:
+            self.attempts.append(spec.run_key)
+            throttled = self.throttled.get(spec.run_key, 0)
+            if scenario.get("throttle") == -1 or throttled < int(scenario.get("throttle", 0)):
+                self.throttled[spec.run_key] = throttled + 1
+                # What azure-core raises for a 429: the status line, then the service's body.
+                raise RuntimeError(
+                    "(TooManyRequests) Too many job submissions, retry after 60 s\n"
+                    'Code: TooManyRequests\nMessage: {"error": {"code": "TooManyRequests"}}'
+                )
             self.submits.append(spec.run_key)
             self.runs.setdefault(
                 spec.run_key,
@@ -54,6 +70,7 @@ class FakeBackend:
                     "need": int(scenario.get("polls", 1)),
                     "outcome": scenario.get("outcome", "succeeded"),
                     "transient": int(scenario.get("transient", 0)),
+                    "queued": int(scenario.get("queuedPolls", 0)),
                     "state": "queued",
                     "parameters": spec.parameters,
                     "notebook": notebook,
@@ -72,7 +89,9 @@ class FakeBackend:
             if run["transient"] > 0:
                 run["transient"] -= 1
                 raise ConnectionError("fake service unavailable")
-            if run["state"] in ("queued", "running"):
+            if run["state"] == "queued" and run["queued"] != 0:
+                run["queued"] -= 1
+            elif run["state"] in ("queued", "running"):
                 run["polls"] += 1
                 run["state"] = "running"
                 if run["polls"] >= run["need"] and run["need"] >= 0:

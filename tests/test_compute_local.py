@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import nbformat
@@ -33,6 +34,7 @@ from notebookops.compute import (
     registry,
     run_key,
 )
+from notebookops.compute.base import parse_iso
 from notebookops.compute.local import LocalBackend
 from notebookops.compute.local_state import RunFiles, read_json
 
@@ -340,12 +342,12 @@ def test_timeout_kills_the_kernel_group_and_keeps_the_partial_notebook(
         "time.sleep(300)",
     )
     backend = get_backend("local")
-    # The clock includes the kernel's start, which can stall for seconds on a busy machine.
+    # The clock starts once the kernel is ready and the run holds a worker slot.
     handle = backend.submit(make_spec(checkout, "slow.ipynb", timeout_seconds=6))
     status = finish(backend, handle, timeout=60)
     assert status.state == "timedOut", status
     assert status.error.ename == "TimeoutError" and status.error.cell_index == 1
-    assert "timeout of 6 s" in status.message
+    assert status.message == "timeoutMinutes 0.1 reached in cell 1"
     kernel_pid, child_pid = map(int, pids.read_text().split())
     wait_for(lambda: gone(kernel_pid) and gone(child_pid), 10, "kernel and its child to die")
     out = nbformat.read(backend.fetch_output(handle, tmp_path / "o.ipynb"), as_version=4)
@@ -418,6 +420,74 @@ def test_worker_limit_runs_notebooks_one_at_a_time(checkout, runs_dir, tmp_path,
         tuple(map(float, line.split())) for line in log.read_text().splitlines()
     )
     assert end_first <= start_second, "two notebooks ran at once with NOTEBOOKOPS_LOCAL_WORKERS=1"
+
+
+@pytest.mark.slow
+def test_a_run_waiting_for_a_worker_is_queued_and_its_limit_starts_when_it_runs(
+    checkout, runs_dir, tmp_path, monkeypatch
+):
+    """One worker, a 5-second notebook ahead: the next one waits longer than its own 3-second
+    limit, reported `queued` with no start time, then runs to a real verdict."""
+    monkeypatch.setenv("NOTEBOOKOPS_LOCAL_WORKERS", "1")
+    started = tmp_path / "started"
+    write_notebook(
+        checkout / "ahead.ipynb", f"import time\nopen({str(started)!r}, 'w').close()\ntime.sleep(5)"
+    )
+    write_notebook(checkout / "behind.ipynb", "x = 1", "raise KeyError('real verdict')")
+    backend = get_backend("local")
+    ahead = backend.submit(make_spec(checkout, "ahead.ipynb"))
+    wait_for(started.exists, 60, "the first notebook to start")
+    behind = backend.submit(make_spec(checkout, "behind.ipynb", timeout_seconds=3))
+    time.sleep(3.5)  # past the limit, still waiting for the worker
+    waiting = backend.status(behind)
+    assert (waiting.state, waiting.started_at) == ("queued", None)
+    assert backend.status(ahead).state == "running" and backend.status(ahead).started_at
+    status = finish(backend, behind)
+    assert status.state == "failed", status
+    assert (status.error.ename, status.error.cell_index) == ("KeyError", 1)
+    first = finish(backend, ahead)
+    assert first.state == "succeeded"
+    assert parse_iso(status.started_at) >= parse_iso(first.ended_at) - timedelta(seconds=1)
+
+
+@pytest.mark.slow
+def test_a_limit_reached_while_the_kernel_starts_still_leaves_the_notebook(
+    checkout, runs_dir, tmp_path, monkeypatch
+):
+    """The warm start dies and the retry's kernel never answers: the limit fires while the
+    kernel is starting; the result says so and the (unexecuted) notebook is still saved."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "stuck"
+    spec_dir.mkdir(parents=True)
+    marker = tmp_path / "first-start-happened"
+    launcher = (
+        "import os, sys, time\n"
+        f"if not os.path.exists({str(marker)!r}):\n"
+        f"    open({str(marker)!r}, 'w').close(); sys.exit(1)\n"
+        "time.sleep(300)\n"
+    )
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-c", launcher, "-f", "{connection_file}"],
+                "display_name": "stuck",
+                "language": "python",
+            }
+        )
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    write_notebook(checkout / "k.ipynb", "print('never')")
+    spec = make_spec(checkout, "k.ipynb", timeout_seconds=3)
+    spec.compute["kernel"] = "stuck"
+    backend = get_backend("local")
+    handle = backend.submit(spec)
+    status = finish(backend, handle, timeout=60)
+    assert status.state == "timedOut", status
+    assert status.message == (
+        "timeoutMinutes 0.05 reached before the first cell started (the kernel was starting)"
+    )
+    out = backend.fetch_output(handle, tmp_path / "partial.ipynb")
+    assert out is not None
+    assert nbformat.read(out, as_version=4).cells[-1].source == "print('never')"
 
 
 @pytest.mark.slow

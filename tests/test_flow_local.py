@@ -47,6 +47,9 @@ def repo(tmp_path):
                 "x = 1", "raise RuntimeError('broken on purpose')", "print('no')"
             ),
             "nb/slow.ipynb": notebook("import time\ntime.sleep(120)"),
+            "nb/loop.ipynb": notebook(
+                "print('before the loop')", "x = 0", "while True:\n    x += 1"
+            ),
             "nb/data.csv": "a,b\n1,2\n",
             "nb/reads.ipynb": notebook("print(open('data.csv').read().splitlines()[1])"),
         },
@@ -109,17 +112,66 @@ def test_cli_exit_codes_for_failure_and_invalid_request(tmp_path, repo):
     assert "repository" in result.stderr and "notebooks[0]" in result.stderr
 
 
-def test_per_notebook_timeout_kills_the_kernel_and_keeps_the_partial_notebook(tmp_path, repo):
-    body = message(repo, ["nb/pass.ipynb", {"path": "nb/slow.ipynb", "timeoutMinutes": 0.1}])
+def test_a_loop_that_never_ends_names_the_limit_and_the_cell_and_keeps_the_notebook(tmp_path, repo):
+    body = message(repo, ["nb/pass.ipynb", {"path": "nb/loop.ipynb", "timeoutMinutes": 0.1}])
     (tmp_path / "body.json").write_text(json.dumps(body))
     started = time.monotonic()
     result = cli("run", str(tmp_path / "body.json"), "--out", str(tmp_path / "out"))
     assert result.returncode == 1, result.stdout + result.stderr
-    assert time.monotonic() - started < 90  # not the notebook's 120 s
+    assert time.monotonic() - started < 90  # the loop never ends by itself
     summary = json.loads((tmp_path / "out/summary.json").read_text())
-    slow = next(n for n in summary["notebooks"] if n["path"] == "nb/slow.ipynb")
-    assert slow["state"] == "timedOut"
-    assert (tmp_path / "out/notebooks/nb/slow.ipynb").is_file()
+    loop = next(n for n in summary["notebooks"] if n["path"] == "nb/loop.ipynb")
+    assert loop["state"] == "timedOut"
+    # The runner's own limit fired (the orchestrator waits a grace longer), naming the cell.
+    assert loop["message"] == "timeoutMinutes 0.1 reached in cell 2"
+    assert (loop["error"]["ename"], loop["error"]["cellIndex"]) == ("TimeoutError", 2)
+    assert 6 <= loop["durationSeconds"] < 30
+    assert "TimeoutError: timeoutMinutes 0.1 reached (cell 2)" in result.stdout
+    partial = nbformat.read(tmp_path / "out/notebooks/nb/loop.ipynb", as_version=4)
+    assert partial.cells[0].outputs[0]["text"] == "before the loop\n"
+
+
+def test_notebooks_queued_behind_slow_ones_run_and_get_real_verdicts(tmp_path):
+    """Two workers, the default maxParallel (20): the last two notebooks wait behind two slow
+    ones for longer than their own 6-second limit, then run and get their own verdicts."""
+    repo = make_repo(
+        tmp_path / "repo",
+        {
+            "nb/1-slow.ipynb": notebook("import time\ntime.sleep(12)"),
+            "nb/2-slow.ipynb": notebook("import time\ntime.sleep(12)"),
+            "nb/3-passes.ipynb": notebook("print('ran after waiting')"),
+            "nb/4-fails.ipynb": notebook("x = 1", "raise ValueError('a real failure')"),
+        },
+    )
+    quick = {"timeoutMinutes": 0.1}
+    body = message(
+        repo,
+        [
+            "nb/1-slow.ipynb",
+            "nb/2-slow.ipynb",
+            {"path": "nb/3-passes.ipynb", **quick},
+            {"path": "nb/4-fails.ipynb", **quick},
+        ],
+    )
+    (tmp_path / "body.json").write_text(json.dumps(body))
+    result = cli(
+        "run", str(tmp_path / "body.json"), "--out", str(tmp_path / "out"), "--workers", "2"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    by_path = {n["path"]: n for n in summary["notebooks"]}
+    assert {p: n["state"] for p, n in by_path.items()} == {
+        "nb/1-slow.ipynb": "succeeded",
+        "nb/2-slow.ipynb": "succeeded",
+        "nb/3-passes.ipynb": "succeeded",
+        "nb/4-fails.ipynb": "failed",
+    }
+    failed = by_path["nb/4-fails.ipynb"]
+    assert (failed["error"]["ename"], failed["error"]["cellIndex"]) == ("ValueError", 1)
+    for path in ("nb/3-passes.ipynb", "nb/4-fails.ipynb"):
+        waited = by_path[path]
+        assert waited["queuedSeconds"] > 6, waited  # longer than its limit, and it still ran
+        assert waited["durationSeconds"] < 6, waited
 
 
 def test_fail_fast_cancels_a_running_notebook(tmp_path, repo, flow_env):
@@ -258,6 +310,10 @@ def test_whole_run_timeout_stops_real_kernels(tmp_path, repo, flow_env):
         "nb/pass.ipynb": "succeeded",
         "nb/slow.ipynb": "timedOut",
     }
+    slow = summary["notebooks"][1]
+    # Named from the partial notebook the stopped run left behind.
+    assert slow["message"] == "the run's timeoutMinutes 0.15 reached in cell 0"
+    assert slow["outputNotebook"]
     assert summary["result"] == "failed"
     assert time.monotonic() - started < 60
 

@@ -163,6 +163,10 @@ def test_transient_status_errors_are_tolerated(flow_env):
 
 
 def test_per_notebook_timeout_cancels_that_run(flow_env, repo):
+    """The fake enforces no limit itself (like a runner that hung): the orchestrator stops the
+    run at its limit plus the grace it leaves a runner to report the cell on its own."""
+    from notebookops.policy import RUNNER_GRACE_SECONDS
+
     body = message(
         repo,
         ["nb/a.ipynb", {"path": "nb/slow.ipynb", "timeoutMinutes": 30}],
@@ -173,12 +177,134 @@ def test_per_notebook_timeout_cancels_that_run(flow_env, repo):
     summary = status["output"]
     slow = summary["notebooks"][1]
     assert slow["state"] == "timedOut"
-    assert "timeoutMinutes" in slow["message"]
+    assert slow["message"] == "timeoutMinutes 30 reached"
+    assert slow["error"]["ename"] == "TimeoutError"
     assert summary["result"] == "failed"
     # The backend was told to stop.
     assert FakeBackend.runs[slow["runId"]]["state"] == "canceled"
     # Stopped at the deadline, not at the next poll after it.
-    assert slow["durationSeconds"] == pytest.approx(30 * 60, abs=1), summary
+    assert slow["durationSeconds"] == pytest.approx(30 * 60 + RUNNER_GRACE_SECONDS, abs=1)
+
+
+def test_queue_time_never_counts_against_a_notebooks_timeout(flow_env):
+    """Forty minutes waiting for compute (scale-up, image build), then a short run: the
+    notebook's 5-minute limit counts from its start, so it succeeds, and the summary tells
+    the queue time apart from the execution time."""
+    repo = make_repo(
+        flow_env / "rq",
+        {
+            "nb/busy.ipynb": fake_notebook(polls=3, queuedPolls=45),
+            "nb/hangs.ipynb": fake_notebook(polls=-1, queuedPolls=45),
+        },
+    )
+    body = message(
+        repo,
+        [
+            {"path": "nb/busy.ipynb", "timeoutMinutes": 5},
+            {"path": "nb/hangs.ipynb", "timeoutMinutes": 5},
+        ],
+        compute={"backend": "fake"},
+        timeoutMinutes=600,
+    )
+    summary = run(flow_env, body)[2]["output"]
+    busy, hangs = summary["notebooks"]
+    assert busy["state"] == "succeeded", busy
+    assert busy["queuedSeconds"] > 30 * 60  # it waited longer than its limit, and still ran
+    assert busy["durationSeconds"] == 2.0  # the backend's own start and end
+    # The one that never ends is stopped 5 minutes (plus the grace) after it started.
+    assert hangs["state"] == "timedOut" and hangs["message"] == "timeoutMinutes 5 reached"
+    assert hangs["queuedSeconds"] > 30 * 60
+    assert hangs["durationSeconds"] == pytest.approx(5 * 60 + 60, abs=1)
+    assert summary["result"] == "failed"
+
+
+def test_whole_run_deadline_cancels_what_never_started(flow_env):
+    """At the run's deadline the running notebook times out, while the one still queued on
+    the backend and the one waiting for a maxParallel slot are canceled: they did not fail."""
+    repo = make_repo(
+        flow_env / "rd",
+        {
+            "nb/1-runs.ipynb": fake_notebook(polls=-1),
+            "nb/2-queued.ipynb": fake_notebook(queuedPolls=-1),
+            "nb/3-waits.ipynb": fake_notebook(),
+        },
+    )
+    body = message(
+        repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=15, maxParallel=2
+    )
+    summary = run(flow_env, body)[2]["output"]
+    runs, queued, waits = summary["notebooks"]
+    assert runs["state"] == "timedOut"
+    assert runs["message"] == "the run's timeoutMinutes 15 reached"
+    for never in (queued, waits):
+        assert never["state"] == "canceled", never
+        assert never["message"] == "not started before the run's deadline (timeoutMinutes 15)"
+        assert never["durationSeconds"] is None
+        assert never["queuedSeconds"] == pytest.approx(15 * 60, abs=1)
+    # Both created jobs were told to stop; the third was never submitted.
+    assert FakeBackend.runs[runs["runId"]]["state"] == "canceled"
+    assert FakeBackend.runs[queued["runId"]]["state"] == "canceled"
+    assert waits["runId"] is None and len(FakeBackend.submits) == 2
+    assert summary["counts"]["timedOut"] == 1 and summary["counts"]["canceled"] == 2
+    assert summary["result"] == "failed"
+
+
+def test_a_submit_out_of_retries_fails_that_notebook_only(flow_env):
+    """Sustained 429s on one notebook's submit: after its activity retries it is `failed`
+    with a one-line error, and the other notebooks run to their own verdicts."""
+    repo = make_repo(
+        flow_env / "rt",
+        {
+            "nb/a.ipynb": fake_notebook(polls=2),
+            "nb/b.ipynb": fake_notebook(polls=2, throttle=-1),
+            "nb/c.ipynb": fake_notebook(polls=2, throttle=2),  # two 429s, then accepted
+        },
+    )
+    _, _, status = run(flow_env, message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}))
+    assert status["runtimeStatus"] == "Completed"
+    summary = status["output"]
+    states = {n["path"]: n["state"] for n in summary["notebooks"]}
+    assert states == {"nb/a.ipynb": "succeeded", "nb/b.ipynb": "failed", "nb/c.ipynb": "succeeded"}
+    throttled = summary["notebooks"][1]
+    assert throttled["message"] == (
+        "submit failed after its retries: RuntimeError: (TooManyRequests) "
+        "Too many job submissions, retry after 60 s…"  # the 429's body is on the next lines
+    )
+    assert throttled["error"]["ename"] == "SubmitFailed" and throttled["runId"] is None
+    assert summary["errors"] == []  # a notebook's problem, not the run's
+    assert summary["result"] == "failed"
+    b_key = next(k for k in FakeBackend.attempts if "nb-b" in k)
+    assert FakeBackend.attempts.count(b_key) == 3  # the activity's three attempts
+
+
+def test_an_orchestration_error_cancels_every_job_already_created(flow_env, monkeypatch):
+    """Status reads fail for good (the status endpoint is down) while cancel still works: the
+    run ends failed with the error, and the jobs it created do not keep running unwatched."""
+    from notebookops import activities
+
+    real_monitor = activities.monitor
+
+    def status_down(payload):
+        if payload.get("runs"):
+            raise ConnectionError("status endpoint unreachable")
+        return real_monitor(payload)  # cancel-only rounds
+
+    monkeypatch.setattr(activities, "monitor", status_down)
+    repo = make_repo(
+        flow_env / "rx",
+        {f"nb/n{i}.ipynb": fake_notebook(polls=-1) for i in range(3)},
+    )
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, maxParallel=2)
+    _, _, status = run(flow_env, body)
+    summary = status["output"]
+    assert status["runtimeStatus"] == "Completed"
+    assert summary["result"] == "failed"
+    assert "status endpoint unreachable" in summary["errors"][0]
+    assert [n["state"] for n in summary["notebooks"]] == ["canceled"] * 3
+    created = [n["runId"] for n in summary["notebooks"] if n["runId"]]
+    assert len(created) == 2  # maxParallel 2: the third was never submitted
+    assert all(FakeBackend.runs[key]["state"] == "canceled" for key in created)
+    assert summary["notebooks"][2]["message"].startswith("not started")
 
 
 def test_whole_run_timeout_stops_every_pending_run(flow_env, repo):
@@ -189,6 +315,10 @@ def test_whole_run_timeout_stops_every_pending_run(flow_env, repo):
     states = {n["path"]: n["state"] for n in summary["notebooks"]}
     assert states == {"nb/a.ipynb": "succeeded", "nb/slow.ipynb": "timedOut"}
     assert summary["result"] == "failed"
+    slow = summary["notebooks"][1]
+    assert slow["message"] == "the run's timeoutMinutes 15 reached"
+    # The run's deadline is wall clock: 15 minutes from the run's start, queue time included.
+    assert slow["durationSeconds"] + slow["queuedSeconds"] == pytest.approx(15 * 60, abs=1)
 
 
 def test_fail_fast_cancels_the_rest(flow_env, repo):
@@ -314,6 +444,8 @@ def test_activity_out_of_retries_still_reports_a_failed_summary(flow_env, repo, 
     assert "ActivityMonitor" in summary["errors"][0]
     assert "compute service unreachable" in summary["errors"][0]
     assert summary["notebooks"][0]["state"] == "canceled"
+    # The cancel goes through the same broken activity: the run says the job may live on.
+    assert "could not cancel 1 run(s) (nb/a.ipynb)" in summary["errors"][1]
 
 
 def test_local_notebook_metadata_unused_by_fake(flow_env):

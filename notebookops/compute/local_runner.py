@@ -437,6 +437,31 @@ def _restate_markers(output: Path, nb: dict[str, Any], failed_at: int | None) ->
     write_json_atomic(output, nb)
 
 
+def limit_text(seconds: float) -> str:
+    """How the message names the limit: in the message's own unit, minutes."""
+    return f"timeoutMinutes {seconds / 60:.4g} reached"
+
+
+def timeout_message(limit: str, executed_index: int | None, cell: int | None) -> str:
+    """`timeoutMinutes 3 reached in cell 5`: the limit, and where the notebook was stuck."""
+    if cell is not None:
+        return f"{limit} in cell {cell}"
+    if executed_index is not None:  # a cell papermill inserted: the injected parameters
+        return f"{limit} in the injected parameters cell"
+    return f"{limit} before the first cell started (the kernel was starting)"
+
+
+def _ensure_partial_output(source: Path, output: Path) -> None:
+    """A stopped run always leaves a notebook: papermill saves one before its kernel starts
+    and at every cell, but a stop that lands before papermill got that far would leave none;
+    then the notebook as committed stands in, so there is always something to open."""
+    if load_notebook_json(output) is not None:
+        return
+    with contextlib.suppress(OSError):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(source.read_bytes())
+
+
 def _preload() -> None:
     """Import the heavy modules before queueing for a slot: queued runs pay for it while waiting."""
     import jupyter_client.manager
@@ -473,11 +498,13 @@ def run(run_dir: Path) -> int:
     if slot is None or not files.mark_running():
         abort.kill_kernel()
         return 0
+    # The limit counts from here: the run holds a worker slot and its kernel is ready, so
+    # neither waiting for a slot nor starting the kernel eats into it.
     timeout = config.get("timeoutSeconds")
     timer = None
     if timeout:
-        message = f"notebook exceeded its timeout of {timeout:g} s"
-        timer = threading.Timer(float(timeout), abort.trigger, args=(TIMED_OUT, message))
+        limit = limit_text(float(timeout))
+        timer = threading.Timer(float(timeout), abort.trigger, args=(TIMED_OUT, limit))
         timer.daemon = True
         timer.start()
     failure = _execute(config, files, abort, km)
@@ -487,12 +514,14 @@ def run(run_dir: Path) -> int:
     output = files.output_path(config["notebook"])
     committed = _read_committed(files.work / config["notebook"])
     if abort.reason is not None:
+        _ensure_partial_output(files.work / config["notebook"], output)
         nb = load_notebook_json(output) or {}
-        error = None
+        error, message = None, abort.message
         if abort.reason == TIMED_OUT:
             cell = source_cell_index(nb, abort.current_cell, committed)
+            message = timeout_message(abort.message or "", abort.current_cell, cell)
             error = RunError(cell, "TimeoutError", abort.message or "", "")
-        files.finalize(abort.reason, abort.message, error.to_dict() if error else None)
+        files.finalize(abort.reason, message, error.to_dict() if error else None)
     else:
         error = None if failure is None else _error_for(failure, output, abort, committed)
         if error is None:
