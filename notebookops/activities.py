@@ -309,6 +309,11 @@ def _describe(
         if status.state == "canceled":
             # Stopped from outside (a deadline, the service's own timeout): where it was.
             result["runningCell"] = _running_cell(result["outputNotebook"])
+        if fetched:
+            # Every backend's notebook lands here: render it and read its cell times once.
+            from notebookops.render import describe_output
+
+            result.update(describe_output(Path(fetched), path, status.state))
     return result
 
 

@@ -231,6 +231,7 @@ def run(
     _write_outputs(summary, out, junit_xml, state_dir if state else None)
     print(summary_table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'junit.xml'} and {out / 'notebooks'}/")
+    _print_rendered(summary, out)
     if not state:
         shutil.rmtree(state_dir, ignore_errors=True)
     return EXIT_OK if summary["result"] in ("succeeded", "succeededWithIssues") else EXIT_FAILED
@@ -375,6 +376,12 @@ def _write_outputs(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
             notebook["outputNotebook"] = str(PurePosixPath("notebooks") / notebook["path"])
+        html = notebook.get("outputHtml")
+        if html and Path(html).is_file():
+            relative = (PurePosixPath("notebooks") / notebook["path"]).with_suffix(".html")
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(html, out / relative)
+            notebook["outputHtml"] = str(relative)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "junit.xml").write_text(junit_xml(summary), encoding="utf-8")
 
@@ -394,6 +401,22 @@ def local_portal_url(url: Any, kept_state: Path | None) -> Any:
     except (ValueError, IndexError):
         return str(path)
     return str(runs / run_folder)
+
+
+RENDERED_SHOWN = 10
+
+
+def _print_rendered(summary: dict[str, Any], out: Path) -> None:
+    """Where to look: the rendered notebooks open in any browser, failures first."""
+    rendered = [n for n in summary["notebooks"] if n.get("outputHtml")]
+    if not rendered:
+        return
+    rendered.sort(key=lambda n: n["state"] == "succeeded")
+    print(f"rendered notebooks (open in a browser), {len(rendered)} in {out / 'notebooks'}/:")
+    for notebook in rendered[:RENDERED_SHOWN]:
+        print(f"  {(out / notebook['outputHtml']).resolve().as_uri()}  ({notebook['state']})")
+    if len(rendered) > RENDERED_SHOWN:
+        print(f"  ... and {len(rendered) - RENDERED_SHOWN} more")
 
 
 def serve(args: Any) -> int:

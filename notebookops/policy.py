@@ -82,6 +82,9 @@ def add_notebooks(state: dict[str, Any], clone: dict[str, Any]) -> None:
                 "error": None,
                 "message": None,
                 "outputNotebook": None,
+                "outputHtml": None,
+                "executionSeconds": None,
+                "slowestCells": [],
             }
         )
         if item.get("problem"):  # missing or malformed: this notebook fails, the others run
@@ -329,6 +332,9 @@ def apply_monitor(state: dict[str, Any], results: list[dict[str, Any]], now: dat
         if new_state == "timedOut" and (result.get("stopped") or notebook.get("error") is None):
             # Stopped from outside the runner: say where it was, from the partial notebook.
             message, notebook["error"] = timeout_verdict(message or "", result.get("runningCell"))
+        for key in ("outputHtml", "executionSeconds", "slowestCells"):
+            if result.get(key) is not None:
+                notebook[key] = result[key]
         if new_state in TERMINAL_STATES:
             finish(
                 notebook,
@@ -428,12 +434,34 @@ def custom_status(state: dict[str, Any], phase: str) -> dict[str, Any]:
         "phase": phase,
         "commit": state.get("commit"),
         "counts": counts(state),
-        "notebooks": [
-            {"path": n["path"], "state": n["state"], "portalUrl": n["portalUrl"]}
-            for n in state["notebooks"]
-        ],
+        "notebooks": [_progress(n) for n in state["notebooks"]],
         "errors": state["errors"],
     }
+
+
+# The status page shows a finished notebook's error line while the others still run; the
+# custom status is capped (16 KB on Azure), so only the line, never the traceback.
+PROGRESS_EVALUE_MAX = 200
+
+
+def _progress(notebook: dict[str, Any]) -> dict[str, Any]:
+    entry = {
+        "path": notebook["path"],
+        "state": notebook["state"],
+        "portalUrl": notebook["portalUrl"],
+    }
+    if notebook.get("durationSeconds") is not None:
+        entry["durationSeconds"] = notebook["durationSeconds"]
+    if notebook.get("executionSeconds") is not None:
+        entry["executionSeconds"] = notebook["executionSeconds"]
+    error = notebook.get("error")
+    if error:
+        entry["error"] = {
+            "cellIndex": error.get("cellIndex"),
+            "ename": error.get("ename"),
+            "evalue": str(error.get("evalue") or "")[:PROGRESS_EVALUE_MAX],
+        }
+    return entry
 
 
 def summary(state: dict[str, Any], finished_at: datetime) -> dict[str, Any]:
@@ -462,6 +490,10 @@ def summary(state: dict[str, Any], finished_at: datetime) -> dict[str, Any]:
                 "error": n["error"],
                 "message": n["message"],
                 "outputNotebook": n["outputNotebook"],
+                # .get: state carried across continue_as_new by an older version lacks them.
+                "outputHtml": n.get("outputHtml"),
+                "executionSeconds": n.get("executionSeconds"),
+                "slowestCells": n.get("slowestCells") or [],
             }
             for n in state["notebooks"]
         ],
