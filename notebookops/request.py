@@ -976,6 +976,7 @@ def _parse_compute(
         backend = "local"
     target = _optional(compute, "target", "compute", problems, _plain_string, None)
     environment = _optional(compute, "environment", "compute", problems, _plain_string, None)
+    _azureml_environment_form(environment, backend, problems)
     experiment = _optional(compute, "experiment", "compute", problems, _experiment, "notebook-ci")
     workspace = _optional(compute, "workspace", "compute", problems, _workspace, None)
     source_dir = _optional(compute, "sourceDirectory", "compute", problems, _source_dir, None)
@@ -1053,6 +1054,19 @@ def _python_path(value: Any, path: str, problems: _Problems) -> str | None:
         )
         return None
     return value
+
+
+def _azureml_environment_form(environment: str | None, backend: str, problems: _Problems) -> None:
+    """An Azure ML environment reference the service cannot resolve fails here, with the forms
+    that work, rather than at submit time for every notebook."""
+    if environment is None or backend not in ("azureml", "azureml-v1"):
+        return
+    from notebookops.compute.azureml_common import parse_environment_ref
+
+    try:
+        parse_environment_ref(environment, backend)
+    except ValueError as exc:
+        problems.add("compute.environment", str(exc), environment)
 
 
 def _experiment(value: Any, path: str, problems: _Problems) -> str | None:

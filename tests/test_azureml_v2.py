@@ -1,12 +1,17 @@
-"""The `azureml` backend (azure-ai-ml v2) on real SDK objects built offline.
+"""The `azureml` backend (azure-ai-ml v2) against Azure ML at the wire.
 
-Azure ML cannot be reached from here, so every test that submits replaces only the network
-boundary, `MLClient.jobs`, with tests.azureml_fakes.FakeJobOperations: a recording fake that
-serialises each job with the SDK's own REST serialiser and walks the documented status sequence.
+Every test builds the real `MLClient` (through the backend's own `build_client`) with a fake
+credential and tests.azureml_fakes.FakeAzureML's azure-core transport: ARM, run history and
+blob storage requests all reach that fake, which answers with the service's routes, status
+codes, bodies and long-running-operation headers, and records every request. No azure-ai-ml
+method is replaced except `BlobStorageClient.upload`, the code snapshot's upload to blob
+storage (many PUT Blob calls on worker threads), which is recorded instead (names, sizes).
+Downloads go through the wire: the storage SDK's default transport is the same fake.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -25,12 +30,14 @@ from notebookops.compute import (
     get_backend,
     run_key,
 )
-from notebookops.compute.azureml import AzureMLBackend
+from notebookops.compute.azureml import AzureMLBackend, build_client
 from notebookops.compute.azureml_common import WorkspaceRef
-from notebookops.compute.papermill_entry import ENTRY_FILE_NAME, decode_job
+from notebookops.compute.papermill_entry import ENTRY_FILE_NAME, RESULT_FILE, decode_job
 from tests import azureml_fakes as fakes
 
 ROOT = Path(__file__).resolve().parent.parent
+WS = fakes._ws_prefix()
+ENV_ID = f"{WS}/environments/nb-env/versions/3"
 HOSTILE = {
     "quotes": 'it\'s "quoted" `back`',
     "newlines": "line1\nline2\r\n\ttab",
@@ -45,7 +52,7 @@ HOSTILE = {
 }
 
 
-def _notebook(cells: list[tuple[str, str, list[str]]]) -> dict:
+def _notebook(cells: list[tuple[str, str, list[str]]], kernelspec: object = None) -> dict:
     return {
         "cells": [
             {
@@ -60,7 +67,8 @@ def _notebook(cells: list[tuple[str, str, list[str]]]) -> dict:
             for kind, src, tags in cells
         ],
         "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+            "kernelspec": kernelspec
+            or {"name": "python3", "display_name": "Python 3", "language": "python"}
         },
         "nbformat": 4,
         "nbformat_minor": 5,
@@ -77,6 +85,7 @@ def checkout(tmp_path: Path) -> Path:
     (root / "nb" / "smoke" / "train.ipynb").write_text(
         json.dumps(_notebook([("code", "alpha = 0", ["parameters"])]))
     )
+    (root / "nb" / "smoke" / "eval.ipynb").write_text(json.dumps(_notebook([])))
     (root / "nb" / "data.csv").write_text("a,b\n1,2\n")
     for path in root.rglob("*"):
         path.chmod(0o555 if path.is_dir() else 0o444)
@@ -95,11 +104,11 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def _spec(checkout: Path, **compute) -> RunSpec:
+def _spec(checkout: Path, notebook: str = "nb/smoke/train.ipynb", **compute) -> RunSpec:
     return RunSpec(
-        run_key=run_key("inst-1", "nb/smoke/train.ipynb"),
+        run_key=run_key("inst-1", notebook),
         instance_id="inst-1",
-        notebook="nb/smoke/train.ipynb",
+        notebook=notebook,
         checkout=str(checkout),
         commit="c0ffee",
         parameters=dict(HOSTILE),
@@ -111,14 +120,14 @@ def _spec(checkout: Path, **compute) -> RunSpec:
             "experiment": "notebook-ci",
             "workspace": {
                 "subscriptionId": fakes.SUBSCRIPTION,
-                "resourceGroup": "rg",
-                "name": "ws",
+                "resourceGroup": fakes.RESOURCE_GROUP,
+                "name": fakes.WORKSPACE,
             },
             **compute,
         },
         tags={
             "notebookops.instance": "inst-1",
-            "notebookops.notebook": "nb/smoke/train.ipynb",
+            "notebookops.notebook": notebook,
             "notebookops.commit": "c0ffee",
             "devops.planId": "plan-9",
         },
@@ -126,21 +135,38 @@ def _spec(checkout: Path, **compute) -> RunSpec:
 
 
 @pytest.fixture
-def jobs() -> fakes.FakeJobOperations:
-    return fakes.FakeJobOperations()
+def service(monkeypatch) -> fakes.FakeAzureML:
+    svc = fakes.FakeAzureML()
+    svc.register_environment("nb-env", "2")
+    svc.register_environment("nb-env", "3")
+    svc.curated.add("AzureML-sklearn-1.5")
+    svc.registry_environments[("azureml", "sklearn-1.5")] = {"latest": "7"}
+    fakes.record_uploads(svc, monkeypatch)
+    fakes.route_storage_through(svc, monkeypatch)
+    return svc
 
 
 @pytest.fixture
-def backend(jobs, tmp_path) -> AzureMLBackend:
+def credential() -> fakes.FakeCredential:
+    return fakes.FakeCredential()
+
+
+@pytest.fixture
+def backend(service, credential, tmp_path) -> AzureMLBackend:
     made: list[WorkspaceRef] = []
 
     def factory(workspace: WorkspaceRef):
         made.append(workspace)
-        return fakes.offline_client(jobs, workspace)
+        return build_client(workspace, credential=credential, transport=service.transport)
 
     b = AzureMLBackend(client_factory=factory, work_dir=tmp_path / "work")
     b.clients_made = made
     return b
+
+
+def _put_job(service: fakes.FakeAzureML) -> fakes.Recorded:
+    [put] = [r for r in service.requests if r.route.startswith("PUT ws:/jobs/") and r.status]
+    return put
 
 
 def _entry_job(body: dict) -> dict:
@@ -148,87 +174,419 @@ def _entry_job(body: dict) -> dict:
     return decode_job(command.split("--job ", 1)[1].split()[0])
 
 
-# -- what Azure ML receives -----------------------------------------------------------------
+def _finish(backend, handle, limit: int = 12):
+    seen = []
+    while not (status := backend.status(handle)).terminal:
+        seen.append(status)
+        assert len(seen) < limit
+    return status, seen
 
 
-def test_submit_sends_one_command_job_azure_ml_can_run(backend, jobs, checkout):
+# -- submit, request by request -------------------------------------------------------------
+
+
+def test_a_submit_request_by_request(backend, service, credential, checkout):
     spec = _spec(checkout)
     handle = backend.submit(spec)
 
-    assert list(jobs.bodies) == [spec.run_key]
-    body = jobs.bodies[spec.run_key]
+    routes = [(r.route, r.status) for r in service.requests]
+    code = service.uploads[0]["name"]
+    assert routes == [
+        (f"GET ws:/jobs/{spec.run_key}", 404),  # not submitted before
+        (f"GET ws:/codes/{code}/versions", 200),  # no code asset with this content hash yet
+        (f"POST ws:/codes/{code}/versions/1/startPendingUpload", 200),
+        (f"PUT ws:/codes/{code}/versions/1", 201),
+        ("GET ws:/environments/nb-env/versions", 200),  # resolve @latest
+        (f"PUT ws:/jobs/{spec.run_key}", 201),
+    ]
+    assert service.unrouted == []
+    latest = service.requests[4]
+    assert latest.query["$orderBy"] == ["createdtime desc"] and latest.query["$top"] == ["1"]
+    for request in service.requests:
+        assert request.headers["Authorization"] == f"Bearer {fakes.FakeCredential.TOKEN}"
+    assert credential.scopes[0] == ("https://management.azure.com/.default",)
+
+    body = _put_job(service).json()
     props = body["properties"]
-    assert body["name"] == spec.run_key
     assert props["jobType"] == "Command"
     assert props["displayName"] == "nb/smoke/train.ipynb"
     assert props["experimentName"] == "notebook-ci"
-    assert props["computeId"] == "cpu-cluster"
-    assert props["environmentId"] == "azureml:nb-env@latest"
+    assert props["computeId"] == f"{WS}/computes/cpu-cluster"
+    assert props["environmentId"] == ENV_ID  # the newest version, resolved by the SDK
+    assert props["codeId"] == f"{WS}/codes/{code}/versions/1"
     assert props["limits"]["timeout"] == "PT30M"
     assert props["outputs"] == {
         "notebook": {"mode": "ReadWriteMount", "jobOutputType": "uri_folder"}
     }
     assert props["tags"] == spec.tags
-    command = props["command"]
-    assert command.startswith(
+    assert props["command"].startswith(
         f"python {ENTRY_FILE_NAME} --output-dir ${{{{outputs.notebook}}}} --job "
     )
-    # Only base64 after the service's own placeholder: nothing a shell or ${{}} could misread.
-    tail = command.split("--job ", 1)[1]
+    tail = props["command"].split("--job ", 1)[1]
     assert all(c.isalnum() or c in "+/=" for c in tail), tail
     assert _entry_job(body) == {
         "notebook": "nb/smoke/train.ipynb",
         "output": "train.ipynb",
         "parameters": HOSTILE,
         "kernel": None,
+        "environment": "nb-env@latest",
     }
-    # The uploaded code: the checkout without .git, plus the entry script.
-    assert sorted(jobs.code_snapshots[spec.run_key]) == sorted(
-        [ENTRY_FILE_NAME, "README.md", "nb/data.csv", "nb/smoke/train.ipynb"]
+    # The uploaded snapshot: the checkout without .git, plus the entry script.
+    [upload] = service.uploads
+    assert set(upload["files"]) == {
+        ENTRY_FILE_NAME,
+        ".amlignore",
+        "README.md",
+        "nb/data.csv",
+        "nb/smoke/train.ipynb",
+        "nb/smoke/eval.ipynb",
+    }
+    assert upload["files"]["README.md"] == 5
+    assert (
+        upload["files"][ENTRY_FILE_NAME]
+        == (ROOT / "notebookops/compute/papermill_entry.py").stat().st_size
     )
-    assert handle.backend == "azureml" and handle.run_id == spec.run_key
+    assert handle.run_id == spec.run_key
     assert handle.portal_url.startswith(f"https://ml.azure.com/runs/{spec.run_key}?wsid=")
-    assert handle.data["workspace"]["name"] == "ws"
 
 
-def test_parameters_keep_values_and_types_through_the_command_line(backend, jobs, checkout):
-    backend.submit(_spec(checkout))
-    decoded = _entry_job(jobs.bodies[next(iter(jobs.bodies))])["parameters"]
-    assert decoded == HOSTILE
-    assert type(decoded["tiny"]) is float and type(decoded["big"]) is int
-    assert decoded["octalish"] == "010" and decoded["flag"] is True and decoded["nothing"] is None
+@pytest.mark.parametrize(
+    ("form", "environment_id", "environment_requests"),
+    [
+        ("azureml:nb-env@latest", ENV_ID, ["GET ws:/environments/nb-env/versions"]),
+        ("azureml:nb-env:2", f"{WS}/environments/nb-env/versions/2", []),
+        ("nb-env@latest", ENV_ID, ["GET ws:/environments/nb-env/versions"]),
+        ("nb-env", ENV_ID, ["GET ws:/environments/nb-env/versions"]),
+        ("nb-env:2", f"{WS}/environments/nb-env/versions/2", []),
+        (ENV_ID, ENV_ID, []),
+        (
+            "azureml://registries/azureml/environments/sklearn-1.5/labels/latest",
+            "azureml://registries/azureml/environments/sklearn-1.5/labels/latest",
+            [],
+        ),
+        (
+            "azureml://registries/azureml/environments/sklearn-1.5/versions/7",
+            "azureml://registries/azureml/environments/sklearn-1.5/versions/7",
+            [],
+        ),
+        ("AzureML-sklearn-1.5@latest", "azureml:AzureML-sklearn-1.5@latest", []),
+        ("azureml:AzureML-sklearn-1.5:7", "azureml:AzureML-sklearn-1.5:7", []),
+    ],
+)
+def test_every_environment_form_resolves_through_the_sdk(
+    backend, service, checkout, form, environment_id, environment_requests
+):
+    backend.submit(_spec(checkout, environment=form))
+    assert _put_job(service).json()["properties"]["environmentId"] == environment_id
+    assert [r.route for r in service.requests if "/environments/" in r.route] == (
+        environment_requests
+    )
+    assert all(r.status < 400 for r in service.requests[1:]), service.routes()
 
 
-def test_source_directory_limits_the_upload_and_the_checkout_is_untouched(backend, jobs, checkout):
+@pytest.mark.parametrize(
+    "form",
+    ["azureml:nb-env@prod", "azureml:", "nb env", "azureml://x/y", "nb-env:", "a/b@latest"],
+)
+def test_an_environment_the_service_cannot_resolve_is_refused_before_any_request(
+    backend, service, checkout, form
+):
+    with pytest.raises(PermanentBackendError) as caught:
+        backend.submit(_spec(checkout, environment=form))
+    assert f"compute.environment {form!r}" in str(caught.value)
+    assert "name@latest" in str(caught.value)
+    assert service.requests == []
+
+
+@pytest.mark.parametrize(
+    ("backend_name", "form", "ok"),
+    [
+        ("azureml", "azureml:nb-env@latest", True),
+        ("azureml", "azureml://registries/azureml/environments/sklearn-1.5/labels/latest", True),
+        ("azureml", "nb-env@prod", False),
+        ("azureml-v1", "nb-env@prod", True),
+        ("azureml-v1", "azureml://registries/azureml/environments/x/versions/1", False),
+        ("azureml", "nb env", False),
+        ("local", "anything goes", True),
+    ],
+)
+def test_validation_refuses_unresolvable_environment_forms(backend_name, form, ok):
+    from notebookops.request import RequestError, parse_request
+
+    body = {
+        "repository": {"url": "https://dev.azure.com/o/p/_git/r"},
+        "notebooks": ["a.ipynb"],
+        "compute": {"backend": backend_name, "environment": form},
+    }
+    if ok:
+        assert parse_request(body).compute.environment == form
+        return
+    with pytest.raises(RequestError) as caught:
+        parse_request(body)
+    text = str(caught.value)
+    assert "compute.environment" in text and form in text and "name:version" in text
+
+
+def test_notebooks_of_one_commit_upload_one_snapshot(backend, service, checkout):
+    """The code asset is found by its content hash, so the second job reuses the first upload."""
+    first = backend.submit(_spec(checkout))
+    second = backend.submit(_spec(checkout, notebook="nb/smoke/eval.ipynb"))
+    assert len(service.uploads) == 1
+    assert service.count(r"^POST ws:/codes/.*/startPendingUpload$") == 1
+    code_ids = {
+        r.json()["properties"]["codeId"]
+        for r in service.requests
+        if r.route.startswith("PUT ws:/jobs/")
+    }
+    assert len(code_ids) == 1 and first.run_id != second.run_id
+
+
+def test_ignore_files_are_honoured_but_never_drop_the_notebook_or_the_entry_script(
+    backend, service, checkout
+):
+    for path in checkout.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (checkout / ".amlignore").write_text("*.py\n*.ipynb\nnb/\n!nb/data.csv\nREADME.md\n")
+    (checkout / "big.bin").write_bytes(b"x" * 1000)
+    spec = _spec(checkout)
+    backend.submit(spec)
+    files = service.uploads[0]["files"]
+    assert "README.md" not in files and "nb/smoke/eval.ipynb" not in files
+    assert ENTRY_FILE_NAME in files and "nb/smoke/train.ipynb" in files
+    assert files["big.bin"] == 1000
+
+
+def test_source_directory_limits_the_upload_and_the_checkout_is_untouched(
+    backend, service, checkout
+):
     before = _digest(checkout)
     spec = _spec(checkout, sourceDirectory="nb")
     backend.submit(spec)
-    assert sorted(jobs.code_snapshots[spec.run_key]) == sorted(
-        [ENTRY_FILE_NAME, "data.csv", "smoke/train.ipynb"]
-    )
-    assert _entry_job(jobs.bodies[spec.run_key])["notebook"] == "smoke/train.ipynb"
+    assert set(service.uploads[0]["files"]) == {
+        ENTRY_FILE_NAME,
+        ".amlignore",
+        "data.csv",
+        "smoke/train.ipynb",
+        "smoke/eval.ipynb",
+    }
+    assert _entry_job(_put_job(service).json())["notebook"] == "smoke/train.ipynb"
     assert _digest(checkout) == before
-    assert not (backend._work() / "code" / spec.run_key).exists()  # staging is cleaned up
+    assert not (backend._work() / "code" / spec.run_key).exists()
 
 
-def test_a_lost_submit_response_retried_finds_the_job_instead_of_creating_another(
-    backend, jobs, checkout
+def test_parameters_keep_values_and_types_through_the_command_line(backend, service, checkout):
+    backend.submit(_spec(checkout))
+    decoded = _entry_job(_put_job(service).json())["parameters"]
+    assert decoded == HOSTILE
+    assert type(decoded["tiny"]) is float and type(decoded["big"]) is int
+
+
+def test_a_lost_response_is_retried_by_the_sdk_and_finds_the_job(backend, service, checkout):
+    """The service creates the job, then the connection drops before the answer arrives. The
+    SDK repeats the PUT, the service answers 409 (the name exists), and the backend reads the
+    job it created: one job."""
+    spec = _spec(checkout)
+    service.lose_response(r"^PUT ws:/jobs/")
+    handle = backend.submit(spec)
+    jobs = [(r.route, r.status) for r in service.requests if "/jobs/" in r.route]
+    assert jobs == [
+        (f"GET ws:/jobs/{spec.run_key}", 404),
+        (f"PUT ws:/jobs/{spec.run_key}", 201),  # done, answer lost
+        (f"PUT ws:/jobs/{spec.run_key}", 409),
+        (f"GET ws:/jobs/{spec.run_key}", 200),
+    ]
+    assert list(service.jobs) == [spec.run_key] and handle.run_id == spec.run_key
+    again = backend.submit(spec)  # the activity retried: found, nothing created
+    assert again == handle and service.count(r"^PUT ws:/jobs/") == 2
+
+
+def test_a_lost_response_on_every_try_is_transient_and_the_next_submit_finds_the_job(
+    backend, service, checkout
 ):
-    """The fake creates the job, then drops the response as a broken connection would."""
     from azure.core.exceptions import ServiceResponseError
 
     spec = _spec(checkout)
-    jobs.lose_next_response = True
-    with pytest.raises(ServiceResponseError):  # transient: the activity is retried
+    service.lose_response(r"^(PUT|GET) ws:/jobs/", times=20)
+    with pytest.raises(ServiceResponseError):
         backend.submit(spec)
+    service._faults.clear()
     handle = backend.submit(spec)
-    again = backend.submit(spec)
-    assert jobs.count("create_or_update") == 1
-    assert list(jobs.scripts) == [spec.run_key]
-    assert handle == again and handle.run_id == spec.run_key
+    assert list(service.jobs) == [spec.run_key] and handle.run_id == spec.run_key
 
 
-# -- status, output, cancel -----------------------------------------------------------------
+def test_a_429_storm_is_retried_with_retry_after_then_left_to_the_orchestrator(
+    backend, service, checkout
+):
+    spec = _spec(checkout)
+    service.fail_next(r"^PUT ws:/jobs/", 429, times=50, headers={"Retry-After": "7"})
+    with pytest.raises(HttpResponseError) as caught:
+        backend.submit(spec)
+    assert caught.value.status_code == 429
+    assert not isinstance(caught.value, PermanentBackendError)
+    puts = [r.status for r in service.requests if r.route.startswith("PUT ws:/jobs/")]
+    assert puts == [429, 429, 429, 429]  # the first try and the backend's 3 SDK retries
+    assert service.sleeps == [7.0, 7.0, 7.0]  # Retry-After honoured, through the transport
+    assert service.jobs == {}
+    service._faults.clear()
+    handle = backend.submit(spec)  # the storm is over: the activity's next attempt
+    assert list(service.jobs) == [spec.run_key] and handle.run_id == spec.run_key
+
+
+# -- status, times, download, cancel --------------------------------------------------------
+
+
+def test_a_run_walks_the_documented_sequence_with_real_start_and_end_times(
+    backend, service, checkout, tmp_path
+):
+    handle = backend.submit(_spec(checkout))
+    service.jobs[handle.run_id].outputs["train.ipynb"] = json.dumps(fakes.notebook_json()).encode()
+    with pytest.raises(RunNotFinishedError):
+        backend.fetch_output(handle, tmp_path / "early.ipynb")
+    status, seen = _finish(backend, handle)
+    queued = [s for s in seen if s.state == "queued"]
+    running = [s for s in seen if s.state == "running"]
+    # (fetch_output's read saw NotStarted)
+    assert [s.raw_status for s in queued] == ["Queued", "Preparing"]
+    assert all(s.started_at is None for s in queued)  # queue and image build do not count
+    job = service.jobs[handle.run_id]
+    assert running and all(s.started_at == job.started for s in running)
+    assert (status.state, status.started_at, status.ended_at) == (
+        "succeeded",
+        job.started,
+        job.ended,
+    )
+    assert status.error is None and status.message is None
+    history = [r for r in service.requests if "/history/v1.0/" in r.path]
+    assert history and all(r.status == 200 for r in history)
+    dest = tmp_path / "out" / "nb" / "smoke" / "train.ipynb"
+    assert backend.fetch_output(handle, dest) == dest
+    assert json.loads(dest.read_text()) == fakes.notebook_json()
+
+
+def test_download_request_by_request_and_cached(backend, service, checkout, tmp_path):
+    service.next_script = ["Completed"]
+    handle = backend.submit(_spec(checkout))
+    service.jobs[handle.run_id].outputs["train.ipynb"] = b'{"cells": []}'
+    start = len(service.requests)
+    dest = backend.fetch_output(handle, tmp_path / "x.ipynb")
+    assert dest.read_bytes() == b'{"cells": []}'
+    blob = f"/{fakes.BLOB_CONTAINER}/azureml/{handle.run_id}/notebook"
+    assert [(r.route, r.status) for r in service.requests[start:]] == [
+        (f"GET ws:/jobs/{handle.run_id}", 200),
+        (f"GET ws:/jobs/{handle.run_id}", 200),  # download() reads the job again
+        ("GET ws:", 200),  # the workspace's discovery URL, for run history
+        ("GET /discovery", 200),
+        ("POST /history/v1.0ws:/rundata", 200),  # where are the outputs?
+        ("GET ws:/datastores", 200),  # the default datastore, to search azureml/<job>/<output>
+        ("GET ws:/datastores/workspaceblobstore", 200),
+        ("POST ws:/datastores/workspaceblobstore/listSecrets", 200),
+        (f"HEAD {blob}/", 404),
+        (f"GET /{fakes.BLOB_CONTAINER}", 200),  # list: the folder exists
+        ("GET ws:/datastores/workspaceblobstore", 200),
+        ("POST ws:/datastores/workspaceblobstore/listSecrets", 200),
+        (f"GET /{fakes.BLOB_CONTAINER}", 200),  # list the files
+        (f"GET {blob}/train.ipynb", 206),
+    ]
+    start = len(service.requests)
+    backend.fetch_output(handle, tmp_path / "again.ipynb")
+    assert [r.route for r in service.requests[start:]] == [f"GET ws:/jobs/{handle.run_id}"]
+
+
+def test_a_failed_job_reports_the_failing_cell_the_service_reason_and_times(
+    backend, service, checkout
+):
+    service.next_script = list(fakes.FAILING)
+    handle = backend.submit(_spec(checkout))
+    job = service.jobs[handle.run_id]
+    job.outputs["train.ipynb"] = json.dumps(fakes.notebook_json(("KeyError", "'id'"))).encode()
+    job.error = "Execution failed.\nUser program exited with code 1"
+    status, _ = _finish(backend, handle)
+    assert status.state == "failed"
+    assert (status.error.cell_index, status.error.ename, status.error.evalue) == (
+        1,
+        "KeyError",
+        "'id'",
+    )
+    assert status.message == "Execution failed. User program exited with code 1"
+    assert status.started_at == job.started and status.ended_at == job.ended
+
+
+def test_an_environment_without_papermill_names_the_environment_and_the_packages(
+    backend, service, checkout
+):
+    """What the entry script leaves in the outputs when it stops before running (its own test
+    below runs it in a Python without papermill)."""
+    service.next_script = ["Failed"]
+    handle = backend.submit(_spec(checkout))
+    report = {
+        "ok": False,
+        "reason": "missingPackages",
+        "message": "the environment nb-env@latest lacks papermill and ipykernel, which "
+        "notebookops needs to run notebooks; add papermill ipykernel to its pip dependencies",
+        "packages": ["papermill", "ipykernel"],
+    }
+    service.jobs[handle.run_id].outputs[RESULT_FILE] = json.dumps(report).encode()
+    service.jobs[handle.run_id].error = "User program exited with code 3"
+    status = backend.status(handle)
+    assert status.state == "failed" and status.error is None
+    assert "nb-env@latest" in status.message and "papermill and ipykernel" in status.message
+
+
+def test_a_job_that_failed_before_papermill_says_where_to_look(
+    backend, service, checkout, tmp_path
+):
+    service.next_script = ["Failed"]
+    handle = backend.submit(_spec(checkout))
+    status = backend.status(handle)
+    assert status.state == "failed" and status.error is None
+    assert "before the notebook produced output" in status.message
+    assert backend.fetch_output(handle, tmp_path / "x.ipynb") is None
+
+
+def test_a_finished_job_whose_output_storage_refuses_the_identity_keeps_its_verdict(
+    backend, service, checkout, tmp_path
+):
+    """Identity-based datastore, identity without a data role: storage answers 403."""
+    service.identity_based_storage = True
+    service.blob_read_forbidden = True
+    service.next_script = ["Completed"]
+    handle = backend.submit(_spec(checkout))
+    service.jobs[handle.run_id].outputs["train.ipynb"] = b"{}"
+    status = backend.status(handle)
+    assert (status.state, status.raw_status) == ("succeeded", "Completed")
+    assert "Storage Blob Data Reader" in status.message
+    assert "could not be downloaded" in status.message
+    assert backend.fetch_output(handle, tmp_path / "x.ipynb") is None  # no exception, no retry
+    refused = [r for r in service.requests if r.status == 403]
+    assert refused and all(".blob.core.windows.net" in r.url for r in refused)
+    assert any(s == ("https://storage.azure.com/.default",) for s in backend_scopes(backend))
+
+
+def backend_scopes(backend):
+    client = backend._clients[next(iter(backend._clients))]
+    return client._credential.scopes
+
+
+def test_cancel_request_by_request_and_a_no_op_once_over(backend, service, checkout):
+    service.next_script = ["Running"]
+    handle = backend.submit(_spec(checkout))
+    start = len(service.requests)
+    backend.cancel(handle)
+    calls = service.requests[start:]
+    assert [(r.route, r.status) for r in calls][:2] == [
+        (f"GET ws:/jobs/{handle.run_id}", 200),
+        (f"POST ws:/jobs/{handle.run_id}/cancel", 202),
+    ]
+    location = [r for r in service.requests if r.route.startswith("POST")][-1]
+    assert calls[2].route.startswith("GET ws:/operationResults/")  # the LRO's Location
+    assert location.status == 202
+    requested = backend.status(handle)
+    assert (requested.state, requested.raw_status) == ("running", "CancelRequested")
+    final = backend.status(handle)
+    assert final.state == "canceled" and "canceled in Azure ML" in final.message
+    backend.cancel(handle)
+    assert service.count(r"/cancel$") == 1
+
 
 V2_DOCUMENTED = {  # reference §4.3 / §8.3
     "NotStarted": "queued",
@@ -249,114 +607,77 @@ V2_DOCUMENTED = {  # reference §4.3 / §8.3
 
 
 @pytest.mark.parametrize(("raw", "state"), sorted(V2_DOCUMENTED.items()))
-def test_every_documented_job_status_maps_to_a_contract_state(backend, jobs, checkout, raw, state):
-    """The fake job is scripted to sit in one status."""
-    jobs.next_script = [raw]
+def test_every_documented_job_status_maps_to_a_contract_state(
+    backend, service, checkout, raw, state
+):
+    service.next_script = [raw]
     handle = backend.submit(_spec(checkout))
     status = backend.status(handle)
     assert (status.state, status.raw_status) == (state, raw)
     assert status.terminal == (raw in ("Completed", "Failed", "Canceled"))
-
-
-def test_a_run_walks_the_documented_sequence_and_its_notebook_is_fetched(
-    backend, jobs, checkout, tmp_path
-):
-    """Status reads advance the fake along NotStarted, Queued, Preparing, Running, Finalizing,
-    Completed."""
-    handle = backend.submit(_spec(checkout))
-    jobs.notebooks[handle.run_id] = fakes.notebook_json()
-    dest = tmp_path / "out" / "nb" / "smoke" / "train.ipynb"
-    seen = []
-    with pytest.raises(RunNotFinishedError):
-        backend.fetch_output(handle, dest)
-    while not (status := backend.status(handle)).terminal:
-        seen.append(status.state)
-        assert len(seen) < 10
-    assert status.state == "succeeded" and status.error is None
-    assert "queued" in seen and "running" in seen
-    assert backend.fetch_output(handle, dest) == dest
-    assert json.loads(dest.read_text()) == fakes.notebook_json()
-
-
-def test_a_failed_job_reports_the_failing_cell_and_the_service_reason(backend, jobs, checkout):
-    """Scripted: NotStarted, Queued, Running, Failed; the fake serves the executed notebook."""
-    jobs.next_script = fakes.FAILING
-    handle = backend.submit(_spec(checkout))
-    jobs.notebooks[handle.run_id] = fakes.notebook_json(("KeyError", "'id'"))
-    jobs.service_errors[handle.run_id] = "Execution failed.\nUser program exited with code 1"
-    while not (status := backend.status(handle)).terminal:
-        pass
-    assert status.state == "failed"
-    assert (status.error.cell_index, status.error.ename, status.error.evalue) == (
-        1,
-        "KeyError",
-        "'id'",
-    )
-    assert status.message == "Execution failed. User program exited with code 1"
-    downloads = jobs.count("download")
-    backend.fetch_output(handle, Path(backend._work()) / "copy.ipynb")
-    assert jobs.count("download") == downloads  # the notebook was cached by status
-
-
-def test_a_job_that_failed_before_papermill_says_where_to_look(backend, jobs, checkout, tmp_path):
-    jobs.next_script = ["Failed"]
-    handle = backend.submit(_spec(checkout))
-    status = backend.status(handle)
-    assert status.state == "failed" and status.error is None
-    assert "before the notebook produced output" in status.message
-    assert backend.fetch_output(handle, tmp_path / "x.ipynb") is None
-
-
-def test_cancel_goes_through_cancel_requested_and_is_a_no_op_once_over(backend, jobs, checkout):
-    """The fake answers begin_cancel with CancelRequested, then Canceled, as the service does."""
-    jobs.next_script = ["Running"]
-    handle = backend.submit(_spec(checkout))
-    backend.cancel(handle)
-    assert jobs.count("begin_cancel") == 1
-    requested = backend.status(handle)
-    assert (requested.state, requested.raw_status) == ("running", "CancelRequested")
-    final = backend.status(handle)
-    assert final.state == "canceled"
-    backend.cancel(handle)
-    assert jobs.count("begin_cancel") == 1
+    if state == "queued":
+        assert status.started_at is None
+        assert not any("/history/" in r.path for r in service.requests)
 
 
 # -- errors and configuration ---------------------------------------------------------------
 
 
-def _http_error(code: int, message: str) -> HttpResponseError:
-    error = HttpResponseError(message=message)
-    error.status_code = code
-    return error
-
-
 @pytest.mark.parametrize(
-    ("error", "words"),
+    ("status", "message", "words"),
     [
-        (_http_error(403, "AuthorizationFailed: no write on jobs"), "AzureML Data Scientist"),
-        (_http_error(404, "Compute cpu-cluster not found"), "compute.target"),
-        (_http_error(400, "QuotaExceeded for Standard_DS3_v2"), "quota"),
-        (ClientAuthenticationError("DefaultAzureCredential failed"), "managed identity"),
+        (403, "AuthorizationFailed: no write on jobs", "AzureML Data Scientist"),
+        (400, "QuotaExceeded for Standard_DS3_v2", "quota"),
     ],
 )
 def test_refusals_become_permanent_errors_that_say_what_to_fix(
-    backend, jobs, checkout, monkeypatch, error, words
+    backend, service, checkout, monkeypatch, status, message, words
 ):
     monkeypatch.setenv("AZURE_CLIENT_SECRET", "s3cr3t-value")
-    jobs.create_error = error
+    service.fail_next(r"^PUT ws:/jobs/", status, message=message)
     with pytest.raises(PermanentBackendError) as caught:
         backend.submit(_spec(checkout))
     text = str(caught.value)
     assert words in text and "ws" in text and "\n" not in text
-    assert "s3cr3t-value" not in text
+    assert "s3cr3t-value" not in text and fakes.FakeCredential.TOKEN not in text
 
 
-@pytest.mark.parametrize("code", [429, 500, 503])
-def test_throttling_and_server_errors_are_left_for_the_retry_policy(backend, jobs, checkout, code):
-    jobs.create_error = _http_error(code, "busy")
-    with pytest.raises(HttpResponseError) as caught:
+def test_an_unknown_compute_is_refused_by_the_service_and_named(backend, service, checkout):
+    with pytest.raises(PermanentBackendError) as caught:
+        backend.submit(_spec(checkout, target="gpu-nowhere"))
+    assert "gpu-nowhere" in str(caught.value) and "compute.target" in str(caught.value)
+
+
+def test_a_transient_credential_failure_is_retried_not_fatal(
+    backend, service, credential, checkout
+):
+    credential.failures = [
+        ClientAuthenticationError(
+            "ManagedIdentityCredential authentication unavailable: no response from the IMDS "
+            "endpoint (connection timed out)"
+        )
+    ]
+    with pytest.raises(ClientAuthenticationError):
         backend.submit(_spec(checkout))
-    assert not isinstance(caught.value, PermanentBackendError)
+    assert service.requests == []  # the token never came, nothing was sent
+    handle = backend.submit(_spec(checkout))
+    assert list(service.jobs) == [handle.run_id]
+
+
+def test_a_refused_credential_is_permanent_and_says_what_to_configure(
+    backend, service, credential, checkout
+):
+    credential.failures = [
+        ClientAuthenticationError("AADSTS7000215: Invalid client secret provided.")
+    ]
+    with pytest.raises(PermanentBackendError, match="managed identity"):
+        backend.submit(_spec(checkout))
+
+
+def test_a_401_from_azure_ml_is_permanent(backend, service, checkout):
+    service.fail_next(r"^GET ws:/jobs/", 401)
+    with pytest.raises(PermanentBackendError, match="AzureML Data Scientist"):
+        backend.submit(_spec(checkout))
 
 
 def test_workspace_comes_from_app_settings_and_missing_ones_are_named(
@@ -369,13 +690,13 @@ def test_workspace_comes_from_app_settings_and_missing_ones_are_named(
     monkeypatch.setenv("AZUREML_SUBSCRIPTION_ID", fakes.SUBSCRIPTION)
     with pytest.raises(PermanentBackendError, match="AZUREML_RESOURCE_GROUP, AZUREML_WORKSPACE"):
         backend.submit(spec)
-    monkeypatch.setenv("AZUREML_RESOURCE_GROUP", "rg-settings")
-    monkeypatch.setenv("AZUREML_WORKSPACE", "ws-settings")
+    monkeypatch.setenv("AZUREML_RESOURCE_GROUP", fakes.RESOURCE_GROUP)
+    monkeypatch.setenv("AZUREML_WORKSPACE", fakes.WORKSPACE)
     handle = backend.submit(spec)
     assert backend.clients_made[-1] == WorkspaceRef(
-        fakes.SUBSCRIPTION, "rg-settings", "ws-settings"
+        fakes.SUBSCRIPTION, fakes.RESOURCE_GROUP, fakes.WORKSPACE
     )
-    assert handle.data["workspace"]["resourceGroup"] == "rg-settings"
+    assert handle.data["workspace"]["resourceGroup"] == fakes.RESOURCE_GROUP
 
 
 def test_missing_environment_or_target_is_named(backend, checkout, monkeypatch):
@@ -391,41 +712,110 @@ def test_missing_environment_or_target_is_named(backend, checkout, monkeypatch):
         backend.submit(spec)
 
 
+def test_a_bad_environment_app_setting_is_named(backend, service, checkout, monkeypatch):
+    monkeypatch.setenv("AZUREML_ENVIRONMENT", "azureml:nb-env@prod")
+    spec = _spec(checkout)
+    del spec.compute["environment"]
+    with pytest.raises(PermanentBackendError, match="app setting AZUREML_ENVIRONMENT"):
+        backend.submit(spec)
+
+
 # -- the code that runs on the compute ------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_the_entry_script_runs_papermill_with_the_exact_parameters(backend, jobs, tmp_path):
-    """Runs the shipped entry script as the job would, with the command's own --job value."""
-    repo = tmp_path / "repo"
-    (repo / "nb").mkdir(parents=True)
-    (repo / "nb" / "echo.ipynb").write_text(
-        json.dumps(
-            _notebook(
-                [
-                    ("code", "params = None", ["parameters"]),
-                    (
-                        "code",
-                        "import json, os\nprint(json.dumps({k: globals()[k] for k in "
-                        f"{sorted(HOSTILE)!r}}}))\nprint(os.getcwd())",
-                        [],
-                    ),
-                ]
-            )
-        )
-    )
-    spec = _spec(repo)
-    spec.notebook = "nb/echo.ipynb"
-    backend.submit(spec)
-    code = jobs.code_snapshots[spec.run_key]
-    work = tmp_path / "job"
-    for name, data in code.items():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        (work / name).write_bytes(data)
-    command = jobs.bodies[spec.run_key]["properties"]["command"]
+def _entry_args(service, tmp_path, spec):
+    """The job's command line, with the output placeholder replaced as Azure ML does."""
+    command = _put_job(service).json()["properties"]["command"]
     args = command.split()[1:]
     out = tmp_path / "mounted-output"
     args[args.index("${{outputs.notebook}}")] = str(out)
+    return args, out
+
+
+def _materialise(service, spec, checkout, work):
+    """The uploaded snapshot as the job sees it (the recorder kept names; copy the staged
+    files from the checkout plus the entry script)."""
+    for name in service.uploads[0]["files"]:
+        source = (
+            ROOT / "notebookops/compute/papermill_entry.py" if name == ENTRY_FILE_NAME else None
+        )
+        source = source or Path(spec.checkout) / name
+        if not source.exists():
+            continue
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(source.read_bytes())
+
+
+def test_the_entry_script_reports_missing_packages_instead_of_crashing(
+    backend, service, tmp_path, checkout
+):
+    """`python -S` has no site-packages: the environment a job gets from an image without
+    papermill and ipykernel."""
+    spec = _spec(checkout)
+    backend.submit(spec)
+    work = tmp_path / "job"
+    _materialise(service, spec, checkout, work)
+    args, out = _entry_args(service, tmp_path, spec)
+    result = subprocess.run(
+        [sys.executable, "-S", *args], cwd=work, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    report = json.loads((out / RESULT_FILE).read_text())
+    assert report["reason"] == "missingPackages"
+    assert report["packages"] == ["papermill", "ipykernel"]
+    assert "nb-env@latest" in report["message"]
+
+
+def test_the_entry_script_never_runs_an_r_notebook_on_python(backend, service, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "nb").mkdir(parents=True)
+    kernelspec = {"name": "ir", "display_name": "R", "language": "R"}
+    (repo / "nb" / "stats.ipynb").write_text(
+        json.dumps(_notebook([("code", "x <- 1", [])], kernelspec=kernelspec))
+    )
+    spec = _spec(repo, notebook="nb/stats.ipynb")
+    backend.submit(spec)
+    work = tmp_path / "job"
+    _materialise(service, spec, repo, work)
+    args, out = _entry_args(service, tmp_path, spec)
+    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "jupyter"), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, *args], cwd=work, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    report = json.loads((out / RESULT_FILE).read_text())
+    assert report["reason"] == "missingKernel" and report["language"] == "r"
+    assert "'ir'" in report["message"] and "does not run it on Python" in report["message"]
+    assert not (out / "stats.ipynb").exists()
+    assert not (tmp_path / "jupyter" / "kernels" / "ir").exists()
+
+
+@pytest.mark.slow
+def test_the_entry_script_runs_papermill_with_the_exact_parameters_and_a_string_kernelspec(
+    backend, service, tmp_path
+):
+    """Runs the shipped entry script as the job would, with the command's own --job value, on
+    a notebook whose kernelspec was saved as a bare string."""
+    repo = tmp_path / "repo"
+    (repo / "nb").mkdir(parents=True)
+    notebook = _notebook(
+        [
+            ("code", "params = None", ["parameters"]),
+            (
+                "code",
+                "import json, os\nprint(json.dumps({k: globals()[k] for k in "
+                f"{sorted(HOSTILE)!r}}}))\nprint(os.getcwd())",
+                [],
+            ),
+        ]
+    )
+    notebook["metadata"]["kernelspec"] = "python3"
+    (repo / "nb" / "echo.ipynb").write_text(json.dumps(notebook))
+    spec = _spec(repo, notebook="nb/echo.ipynb")
+    backend.submit(spec)
+    work = tmp_path / "job"
+    _materialise(service, spec, repo, work)
+    args, out = _entry_args(service, tmp_path, spec)
     result = subprocess.run(
         [sys.executable, *args], cwd=work, capture_output=True, text=True, timeout=240
     )
@@ -434,6 +824,13 @@ def test_the_entry_script_runs_papermill_with_the_exact_parameters(backend, jobs
     printed = "".join(executed["cells"][-1]["outputs"][0]["text"]).splitlines()
     assert json.loads(printed[0]) == HOSTILE
     assert printed[1] == str(work / "nb")
+
+
+def test_the_job_json_is_base64_of_json():
+    from notebookops.compute.papermill_entry import encode_job
+
+    job = {"notebook": "a.ipynb", "output": "a.ipynb", "parameters": HOSTILE}
+    assert json.loads(base64.b64decode(encode_job(job))) == job
 
 
 # -- lazy imports and backend switching -----------------------------------------------------
@@ -487,7 +884,7 @@ print(json.dumps({"names": names, "backends": backends, "error": error,
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["error"] is None
-    assert report["submits"] == 1, report  # the replay got as far as submitting on azureml
+    assert report["submits"] == 1, report
     assert report["backends"] == ["azureml", "azureml-v1"]
     assert report["heavy"] == []
 

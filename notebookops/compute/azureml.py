@@ -10,9 +10,12 @@ elsewhere. azure-ai-ml is imported on first use only.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -20,15 +23,19 @@ from notebookops.compute import azureml_common as common
 from notebookops.compute.base import (
     CANCELED,
     FAILED,
+    QUEUED,
     TERMINAL_STATES,
     PermanentBackendError,
     RunHandle,
     RunNotFinishedError,
     RunSpec,
     RunStatus,
+    parse_iso,
 )
-from notebookops.compute.papermill_entry import ENTRY_FILE_NAME, encode_job
+from notebookops.compute.papermill_entry import ENTRY_FILE_NAME, RESULT_FILE, encode_job
 from notebookops.notebook_errors import error_from_file
+
+log = logging.getLogger(__name__)
 
 OUTPUT_NAME = "notebook"
 _ENTRY_SOURCE = Path(__file__).with_name("papermill_entry.py")
@@ -36,20 +43,27 @@ _ENTRY_SOURCE = Path(__file__).with_name("papermill_entry.py")
 # orchestrator retries the whole activity and a long stall holds an activity slot.
 _SDK_RETRIES = 3
 
+
 ClientFactory = Callable[[common.WorkspaceRef], Any]
 
 
-def _default_client(workspace: common.WorkspaceRef) -> Any:
+def build_client(workspace: common.WorkspaceRef, credential: Any = None, **kwargs: Any) -> Any:
+    """The MLClient every call goes through. `credential` defaults to DefaultAzureCredential;
+    `kwargs` reach azure-core (tests pass `transport=` to answer as the service)."""
     from azure.ai.ml import MLClient
-    from azure.identity import DefaultAzureCredential
 
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
     return MLClient(
-        DefaultAzureCredential(exclude_interactive_browser_credential=True),
+        credential,
         subscription_id=workspace.subscription_id,
         resource_group_name=workspace.resource_group,
         workspace_name=workspace.name,
         show_progress=False,
         retry_total=_SDK_RETRIES,
+        **kwargs,
     )
 
 
@@ -62,7 +76,7 @@ class AzureMLBackend:
         client_factory: ClientFactory | None = None,
         work_dir: Path | str | None = None,
     ) -> None:
-        self._client_factory = client_factory or _default_client
+        self._client_factory = client_factory or build_client
         self._work_dir_arg = work_dir
         self._clients: dict[common.WorkspaceRef, Any] = {}
         self._lock = threading.Lock()
@@ -92,6 +106,13 @@ class AzureMLBackend:
 
         if isinstance(exc, (ServiceRequestError, ServiceResponseError, ConnectionError)):
             raise exc
+        if _storage_refused(exc):
+            raise PermanentBackendError(
+                f"Azure ML could not read the storage of workspace {workspace} to {what} "
+                f"({common.one_line(exc, 300)}); {common.STORAGE_ROLE_HINT}"
+            ) from None
+        if isinstance(exc, ClientAuthenticationError) and _credential_hiccup(exc):
+            raise exc  # the identity endpoint or Entra ID did not answer: try again later
         if isinstance(exc, ClientAuthenticationError):
             raise PermanentBackendError(
                 f"cannot authenticate to Azure ML workspace {workspace} to {what} "
@@ -131,6 +152,13 @@ class AzureMLBackend:
         """The command job for `spec`, with `code_dir` already staged (see `submit`)."""
         from azure.ai.ml import Output, command
 
+        environment = common.environment_for(spec.compute, self.name)
+        if environment is None:
+            raise PermanentBackendError(
+                f"compute.environment is required for backend {self.name!r} (or set the app "
+                f"setting {common.ENVIRONMENT_SETTING}); use "
+                f"{common.ENVIRONMENT_FORMS[self.name]}"
+            )
         notebook = (
             PurePosixPath(spec.notebook)
             .relative_to(PurePosixPath(spec.compute.get("sourceDirectory") or "."))
@@ -141,6 +169,8 @@ class AzureMLBackend:
             "output": PurePosixPath(notebook).name,
             "parameters": spec.parameters,
             "kernel": spec.compute.get("kernel"),
+            # Named in the entry script's report when the image lacks papermill or ipykernel.
+            "environment": environment.for_v2(),
         }
         return command(
             name=spec.run_key,
@@ -152,9 +182,7 @@ class AzureMLBackend:
                 f"--job {encode_job(job)}"
             ),
             outputs={OUTPUT_NAME: Output(type="uri_folder", mode="rw_mount")},
-            environment=common.setting_or_compute(
-                spec.compute, "environment", common.ENVIRONMENT_SETTING, self.name
-            ),
+            environment=environment.for_v2(),
             compute=common.setting_or_compute(
                 spec.compute, "target", common.COMPUTE_SETTING, self.name
             ),
@@ -165,6 +193,7 @@ class AzureMLBackend:
     def submit(self, spec: RunSpec) -> RunHandle:
         workspace = common.workspace_for(spec.compute)
         common.check_parameters(spec)
+        common.environment_for(spec.compute, self.name)  # a bad reference fails before any call
         output = PurePosixPath(spec.notebook).name
         # The job name is the idempotency key: a retried submit finds the job instead of
         # starting a second one (reference §6.3).
@@ -173,13 +202,15 @@ class AzureMLBackend:
             return self._handle(spec.run_key, existing, workspace, output)
         code_dir = self._work() / "code" / spec.run_key
         try:
-            common.stage_source(spec, code_dir)
+            inner = common.stage_source(spec, code_dir)
             shutil.copyfile(_ENTRY_SOURCE, code_dir / ENTRY_FILE_NAME)
+            common.apply_ignore_files(code_dir, keep=[inner, ENTRY_FILE_NAME])
             job = self.build_job(spec, code_dir)
             try:
                 created = self._jobs(workspace).create_or_update(job)
             except Exception as exc:
-                if common.exists_error(str(exc)):
+                if common.exists_error(str(exc)) or _ambiguous(exc):
+                    # The PUT may have reached the service before the answer was lost.
                     created = self._get(workspace, spec.run_key)
                     if created is not None:
                         return self._handle(spec.run_key, created, workspace, output)
@@ -213,33 +244,56 @@ class AzureMLBackend:
             )
         raw = common.raw_status(job.status)
         state, message = common.normalise_status(raw)
+        # Queued covers NotStarted, Starting, Provisioning, Preparing and Queued: the notebook
+        # does not execute yet, so no start time is asked for (run history has none either).
+        run = self._run_history(workspace, handle.run_id) if state != QUEUED else None
+        started, ended, reason = run or (None, None, None)
         error = None
-        if state == FAILED:
-            notebook = self._download(workspace, handle)
-            error = error_from_file(notebook) if notebook else None
-            reason = self._service_error(workspace, handle.run_id)
-            message = reason or (
-                None
-                if error
-                else "the job failed before the notebook produced output; "
-                "see the job's logs in Azure ML studio"
-            )
-        elif state == CANCELED:
-            message = (
-                "canceled in Azure ML (on request, by a person, or for exceeding the job's timeout)"
-            )
-        return RunStatus(state=state, raw_status=raw, error=error, message=message)
+        if state in TERMINAL_STATES:
+            notebook, report, refused = self._outputs(workspace, handle)
+            error = error_from_file(notebook) if notebook and state == FAILED else None
+            if refused:
+                message = refused
+            elif report:
+                message = report
+            elif state == FAILED:
+                message = reason or (
+                    None
+                    if error
+                    else "the job failed before the notebook produced output; "
+                    "see the job's logs in Azure ML studio"
+                )
+            elif state == CANCELED:
+                message = (
+                    "canceled in Azure ML (on request, by a person, or for exceeding the job's "
+                    "timeout)"
+                )
+        return RunStatus(
+            state=state,
+            raw_status=raw,
+            error=error,
+            started_at=started if state != QUEUED else None,
+            ended_at=ended if state in TERMINAL_STATES else None,
+            message=message,
+        )
 
-    def _service_error(self, workspace: common.WorkspaceRef, name: str) -> str | None:
-        """The job's error text from run history. azure-ai-ml exposes it only through a private
-        operations object, so this is best effort: the notebook's failing cell is the main report."""
+    def _run_history(
+        self, workspace: common.WorkspaceRef, name: str
+    ) -> tuple[str | None, str | None, str | None] | None:
+        """(start, end, service error) from run history: azure-ai-ml's public `Job` carries no
+        times, so this goes through its RunOperations (`jobs._runs_operations`). Best effort:
+        without it the orchestrator counts from the round that first saw the job running."""
         try:
-            runs = self._jobs(workspace)._runs_operations
-            error = runs.get_run(name).error
-            text = getattr(getattr(error, "error", None), "message", None)
-        except Exception:  # a missing detail must not hide the verdict
+            run = self._jobs(workspace)._runs_operations.get_run(name)
+        except Exception as exc:  # a missing detail must not hide the verdict
+            log.info("run history of %s unavailable: %s", name, common.one_line(exc, 200))
             return None
-        return common.one_line(text) if text else None
+        text = getattr(getattr(getattr(run, "error", None), "error", None), "message", None)
+        return (
+            _iso(getattr(run, "start_time_utc", None)),
+            _iso(getattr(run, "end_time_utc", None)),
+            common.one_line(text) if text else None,
+        )
 
     def cancel(self, handle: RunHandle) -> None:
         workspace = common.WorkspaceRef.from_dict(handle.data.get("workspace"))
@@ -255,16 +309,31 @@ class AzureMLBackend:
             self._raise_for(exc, workspace, f"cancel job {handle.run_id}")
             raise
 
+    def _outputs(
+        self, workspace: common.WorkspaceRef, handle: RunHandle
+    ) -> tuple[Path | None, str | None, str | None]:
+        """(executed notebook, the entry script's report, why the output cannot be read) of a
+        terminal job. A refused download is reported, never retried round after round: the
+        job's verdict stands and the message names the storage role."""
+        try:
+            folder = self._download(workspace, handle)
+        except PermanentBackendError as exc:
+            return None, None, f"the job ended but its output could not be downloaded: {exc}"
+        if folder is None:
+            return None, None, None
+        notebook = folder / handle.data["output"]
+        return (notebook if notebook.is_file() else None), _entry_report(folder), None
+
     def _download(self, workspace: common.WorkspaceRef, handle: RunHandle) -> Path | None:
-        """The executed notebook in the local cache, downloading it once per run."""
+        """The job's named output folder in the local cache, downloading it once per run."""
         from azure.ai.ml.exceptions import JobException
 
         output = handle.data.get("output")
         if not isinstance(output, str) or not output or "/" in output:
             raise PermanentBackendError(f"run handle has no valid output name: {handle.data!r}")
         cache = self._work() / "outputs" / handle.run_id
-        found = cache / "named-outputs" / OUTPUT_NAME / output
-        if found.is_file():
+        found = cache / "named-outputs" / OUTPUT_NAME
+        if (found / output).is_file() or (found / RESULT_FILE).is_file():
             return found
         partial = cache.with_name(cache.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -279,8 +348,8 @@ class AzureMLBackend:
         except Exception as exc:
             self._raise_for(exc, workspace, f"download the output of job {handle.run_id}")
             raise
-        downloaded = partial / "named-outputs" / OUTPUT_NAME / output
-        if not downloaded.is_file():
+        downloaded = partial / "named-outputs" / OUTPUT_NAME
+        if not (downloaded / output).is_file() and not (downloaded / RESULT_FILE).is_file():
             shutil.rmtree(partial, ignore_errors=True)
             return None
         shutil.rmtree(cache, ignore_errors=True)
@@ -298,12 +367,76 @@ class AzureMLBackend:
                 f"Azure ML job {handle.run_id!r} has not finished "
                 f"(status {common.raw_status(job.status)})"
             )
-        found = self._download(workspace, handle)
-        if found is None:
-            return None
+        notebook, _, refused = self._outputs(workspace, handle)
+        if notebook is None or refused:
+            return None  # status() has said why
         dest = Path(dest)
         if dest.is_dir():
-            dest = dest / found.name
+            dest = dest / notebook.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(found, dest)
+        shutil.copyfile(notebook, dest)
         return dest
+
+
+def _iso(value: Any) -> str | None:
+    """Run history's times as ISO 8601 UTC with `Z` (RunStatus' format)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return str(value) if parse_iso(str(value)) else None
+
+
+def _ambiguous(exc: Exception) -> bool:
+    """A failure after which the job may exist: the connection broke, or the answer was 5xx."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(exc, ServiceResponseError):
+        return True
+    if isinstance(exc, ServiceRequestError):
+        return False  # the request never left
+    return isinstance(exc, HttpResponseError) and (exc.status_code or 0) >= 500
+
+
+def _credential_hiccup(exc: Exception) -> bool:
+    """Transient credential failures: the managed-identity endpoint or Entra ID did not answer
+    (no HTTP response, a 5xx or 429). A 400/401 answer (unknown client, wrong secret) or a
+    401/403 from Azure ML itself is a configuration problem and stays permanent."""
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None) or getattr(exc, "status_code", None)
+    if code is not None:
+        return common.transient_status(code)
+    text = str(exc).lower()
+    return any(
+        word in text
+        for word in ("timed out", "timeout", "temporarily", "no response", "connection", "retry")
+    )
+
+
+def _storage_refused(exc: Exception) -> bool:
+    """Blob storage said no to the identity (identity-based datastore, no data role)."""
+    text = str(exc)
+    return any(
+        word in text
+        for word in (
+            "AuthorizationPermissionMismatch",
+            "AuthorizationFailure",
+            "not authorized to perform this operation",
+        )
+    )
+
+
+def _entry_report(folder: Path) -> str | None:
+    """The message the entry script left when it could not run the notebook (a missing package,
+    a kernel the image lacks)."""
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    message = data.get("message") if isinstance(data, dict) else None
+    return common.one_line(message) if isinstance(message, str) and message else None

@@ -42,6 +42,10 @@ ROLE_HINT = (
     "grant the app's identity (its managed identity, or the service principal in "
     "AZURE_CLIENT_ID) the 'AzureML Data Scientist' role on the workspace"
 )
+STORAGE_ROLE_HINT = (
+    "grant the app's identity the 'Storage Blob Data Reader' role on the workspace's storage "
+    "account (needed when the datastore uses identity-based access)"
+)
 
 # The two SDKs report the same service states (reference §8.3). NotResponding and Paused stay
 # non-terminal although azure-ai-ml calls them terminal: the service may resume such runs, and
@@ -249,3 +253,172 @@ def permanent_hint(code: int | None, text: str, *, workspace: WorkspaceRef, what
 def exists_error(text: str) -> bool:
     """The service's words for a duplicate job name / run id (reference §6.3)."""
     return "already exists" in text.lower()
+
+
+# -- environment references ----------------------------------------------------------------
+
+CURATED_PREFIX = "AzureML-"  # azure-ai-ml's CURATED_ENV_PREFIX: the service resolves these
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}"
+_VERSION = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
+_REGISTRY = re.compile(
+    rf"azureml://registries/(?P<registry>{_NAME})/environments/(?P<name>{_NAME})/"
+    rf"(?:versions/(?P<version>{_VERSION})|labels/(?P<label>{_NAME}))"
+)
+_ARM = re.compile(
+    r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.MachineLearningServices/"
+    rf"workspaces/[^/]+/environments/(?P<name>{_NAME})/versions/(?P<version>{_VERSION})",
+    re.IGNORECASE,
+)
+_SHORT = re.compile(rf"(?P<name>{_NAME})(?:@(?P<label>{_NAME})|:(?P<version>{_VERSION}))?")
+
+ENVIRONMENT_FORMS = {
+    "azureml": (
+        "'name@latest', 'name:version' (either with or without the 'azureml:' prefix, a bare "
+        "'name' meaning name@latest), a curated 'AzureML-...' name in the same forms, the "
+        "environment's full ARM id (/subscriptions/.../environments/name/versions/v), or a "
+        "registry reference azureml://registries/<registry>/environments/<name>/versions/<v> "
+        "or .../labels/latest"
+    ),
+    "azureml-v1": (
+        "'name', 'name:version' or 'name@label' (with or without the 'azureml:' prefix), a "
+        "curated 'AzureML-...' name, or the environment's full ARM id"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EnvironmentRef:
+    """One environment reference, whatever form the user wrote it in."""
+
+    kind: str  # "workspace", "curated", "arm" or "registry"
+    name: str
+    version: str | None = None
+    label: str | None = None
+    text: str = ""  # the ARM id or registry reference, verbatim
+
+    def for_v2(self) -> str:
+        """The string azure-ai-ml resolves: it strips `azureml:` only for curated names and
+        ARM ids, so a workspace environment goes without it (`name@latest`, `name:3`)."""
+        if self.kind in ("arm", "registry"):
+            return self.text
+        prefix = "azureml:" if self.kind == "curated" else ""
+        if self.version:
+            return f"{prefix}{self.name}:{self.version}"
+        return f"{prefix}{self.name}@{self.label or 'latest'}"
+
+
+def parse_environment_ref(value: Any, backend: str) -> EnvironmentRef:
+    """Parse `compute.environment` for `backend`; ValueError names the value and the forms."""
+    forms = ENVIRONMENT_FORMS.get(backend, ENVIRONMENT_FORMS["azureml"])
+    problem = f"is not an environment reference Azure ML can resolve; use {forms}"
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(problem)
+    text = value.strip()
+    registry = _REGISTRY.fullmatch(text)
+    if registry:
+        if backend != "azureml":
+            raise ValueError(f"is a registry reference, which SDK v1 cannot use; use {forms}")
+        label = registry.group("label")
+        if label is not None and label != "latest":
+            raise ValueError(f"names label {label!r}; azure-ai-ml resolves only 'latest'")
+        return EnvironmentRef(
+            "registry", registry.group("name"), registry.group("version"), label, text
+        )
+    arm = _ARM.fullmatch(text.removeprefix("azureml:"))
+    if arm:
+        return EnvironmentRef(
+            "arm", arm.group("name"), arm.group("version"), None, text.removeprefix("azureml:")
+        )
+    short = _SHORT.fullmatch(text.removeprefix("azureml:"))
+    if not short:
+        raise ValueError(problem)
+    name, version, label = short.group("name", "version", "label")
+    if label is not None and label != "latest" and backend == "azureml":
+        raise ValueError(
+            f"names label {label!r}; azure-ai-ml resolves only '@latest' for environments, so "
+            "use 'name@latest' or 'name:version'"
+        )
+    kind = "curated" if name.startswith(CURATED_PREFIX) else "workspace"
+    return EnvironmentRef(kind, name, version, None if label == "latest" else label)
+
+
+def environment_for(compute: dict[str, Any], backend: str) -> EnvironmentRef | None:
+    """`compute.environment`, else the AZUREML_ENVIRONMENT setting, parsed; None when neither
+    is set. A bad reference is a permanent error naming where it came from."""
+    value = compute.get("environment")
+    where = "compute.environment"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        value = os.environ.get(ENVIRONMENT_SETTING, "").strip() or None
+        where = f"the app setting {ENVIRONMENT_SETTING}"
+    if value is None:
+        return None
+    try:
+        return parse_environment_ref(value, backend)
+    except ValueError as exc:
+        raise PermanentBackendError(f"{where} {value!r} {exc}") from None
+
+
+# -- the uploaded snapshot -----------------------------------------------------------------
+
+SNAPSHOT_MAX_FILES = 2000  # Azure ML's v1 snapshot limits (reference §1.2)
+SNAPSHOT_MAX_BYTES = 300 * 1024 * 1024
+IGNORE_FILES = (".amlignore", ".gitignore")  # the SDKs read the first one found, at the root
+
+
+def apply_ignore_files(root: Path, keep: list[str]) -> tuple[int, int]:
+    """Delete from the staged folder `root` what its `.amlignore` (else `.gitignore`) excludes,
+    as both SDKs would at upload, except the POSIX paths in `keep` (the notebook, the entry
+    script), which no pattern may remove. Then write an empty `.amlignore`, so the SDK uploads
+    exactly what is left. Returns (files, bytes) of the snapshot."""
+    import pathspec
+
+    rules = next((root / n for n in IGNORE_FILES if (root / n).is_file()), None)
+    spec = (
+        pathspec.GitIgnoreSpec.from_lines(
+            rules.read_text(encoding="utf-8", errors="replace").splitlines()
+        )
+        if rules
+        else None
+    )
+    kept = set(keep)
+    for folder, dirs, names in os.walk(root, topdown=True):
+        base = Path(folder).relative_to(root)
+        for name in names:
+            rel = (base / name).as_posix()
+            if spec is not None and rel not in kept and spec.match_file(rel):
+                (Path(folder) / name).unlink()
+        for name in list(dirs):
+            rel = (base / name).as_posix()
+            if (
+                spec is not None
+                and spec.match_file(rel + "/")
+                and not any(k.startswith(rel + "/") for k in kept)
+            ):
+                shutil.rmtree(Path(folder) / name)
+                dirs.remove(name)
+    (root / ".amlignore").write_text("# applied by notebookops before upload\n")
+    return snapshot_size(root)
+
+
+def snapshot_size(root: Path) -> tuple[int, int]:
+    files = size = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            files += 1
+            size += os.lstat(os.path.join(folder, name)).st_size
+    return files, size
+
+
+def check_snapshot_limits(files: int, size: int, spec: RunSpec) -> None:
+    """v1 refuses snapshots over 2,000 files or 300 MB: say so before submitting, with what
+    to change."""
+    if files <= SNAPSHOT_MAX_FILES and size <= SNAPSHOT_MAX_BYTES:
+        return
+    folder = spec.compute.get("sourceDirectory") or "the whole checkout"
+    raise PermanentBackendError(
+        f"the code snapshot of {folder!r} for {spec.notebook!r} holds {files:,} files and "
+        f"{size / 1024 / 1024:,.1f} MB after .amlignore/.gitignore, over Azure ML's limit of "
+        f"{SNAPSHOT_MAX_FILES:,} files and {SNAPSHOT_MAX_BYTES // 1024 // 1024} MB; set "
+        "compute.sourceDirectory to the folder the notebooks need, or list what to leave out "
+        "in an .amlignore file at its root"
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import os
 import sys
@@ -22,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 ENTRY_FILE_NAME = "_notebookops_papermill_entry.py"
-JOB_FIELDS = ("notebook", "output", "parameters", "kernel")
+RESULT_FILE = "_notebookops_result.json"  # read back by the backend when the job fails early
+JOB_FIELDS = ("notebook", "output", "parameters", "kernel", "environment")
+REQUIRED_PACKAGES = ("papermill", "ipykernel")
+EXIT_NOT_RUN = 3  # the notebook was not started; RESULT_FILE says why
 
 
 def encode_job(job: dict[str, Any]) -> str:
@@ -45,46 +49,99 @@ def decode_job(value: str) -> dict[str, Any]:
     return job
 
 
-def _kernel_name(job: dict[str, Any], notebook: Path) -> str:
-    if job.get("kernel"):
-        return str(job["kernel"])
+def _kernelspec(job: dict[str, Any], notebook: Path) -> tuple[str, str | None]:
+    """(kernel name, language or None). `compute.kernel` wins; a kernelspec saved as a plain
+    string is that kernel's name; notebooks saved without one are Python notebooks in practice."""
     try:
         with open(notebook, encoding="utf-8") as handle:
             metadata = json.load(handle).get("metadata") or {}
     except (OSError, ValueError, AttributeError):
         metadata = {}
-    # Notebooks saved without a kernelspec are Python notebooks in practice.
-    return (metadata.get("kernelspec") or {}).get("name") or "python3"
+    if not isinstance(metadata, dict):
+        metadata = {}
+    spec = metadata.get("kernelspec")
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict):
+        spec = {}
+    info = metadata.get("language_info")
+    language = spec.get("language") or (info.get("name") if isinstance(info, dict) else None)
+    language = str(language).strip().lower() if language else None
+    name = job.get("kernel") or spec.get("name") or "python3"
+    return str(name), language
 
 
-def _ensure_kernelspec(name: str) -> None:
-    """Notebooks saved on a laptop name kernels ("conda-env-x-py") the job's image lacks; point
-    such a name at this Python, as azureml-contrib-notebook's runner does."""
+def _report(output_dir: Path, reason: str, message: str, **details: Any) -> int:
+    """Leave why the notebook did not run where the backend downloads outputs from."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = {"ok": False, "reason": reason, "message": message, **details}
+    (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(f"notebookops: {message}", file=sys.stderr, flush=True)
+    return EXIT_NOT_RUN
+
+
+def _environment(job: dict[str, Any]) -> str:
+    return str(job.get("environment") or "the job's environment")
+
+
+def missing_packages() -> list[str]:
+    return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def _ensure_kernelspec(name: str, language: str | None) -> str | None:
+    """None when kernel `name` can run; else why not. A Python notebook saved on a laptop names
+    a kernel ("conda-env-x-py") the image lacks: that name is pointed at this Python, as
+    azureml-contrib-notebook's runner does, and said so. A kernel of another language is never
+    replaced by Python: its cells would fail or, worse, mean something else."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     if name in KernelSpecManager().find_kernel_specs():
-        return
+        return None
+    if language not in (None, "python"):
+        return (
+            f"the notebook's kernel {name!r} (language {language}) is not installed in the "
+            "environment, and notebookops does not run it on Python; add that kernel to the "
+            "environment's image, or set compute.kernel to a kernel the image has"
+        )
     from ipykernel.kernelspec import install
 
     install(user=True, kernel_name=name, display_name=name)
-    print(f"installed kernelspec {name!r} for {sys.executable}", flush=True)
+    print(f"notebookops: kernel {name!r} is not installed; registered it for {sys.executable}")
+    return None
 
 
 def run(output_dir: str, job: dict[str, Any]) -> int:
+    out = Path(output_dir).resolve()
+    missing = missing_packages()
+    if missing:
+        return _report(
+            out,
+            "missingPackages",
+            f"the environment {_environment(job)} lacks {' and '.join(missing)}, which "
+            f"notebookops needs to run notebooks; add {' '.join(missing)} to its pip "
+            "dependencies and register a new version",
+            packages=missing,
+            environment=job.get("environment"),
+            python=sys.executable,
+        )
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     notebook = Path(job["notebook"]).resolve()
-    output = Path(output_dir).resolve() / job["output"]
+    output = out / job["output"]
     output.parent.mkdir(parents=True, exist_ok=True)
-    kernel = _kernel_name(job, notebook)
-    _ensure_kernelspec(kernel)
+    kernel, language = _kernelspec(job, notebook)
+    refused = _ensure_kernelspec(kernel, language)
+    if refused:
+        return _report(out, "missingKernel", refused, kernel=kernel, language=language)
     try:
         papermill.execute_notebook(
             str(notebook),
             str(output),
             parameters=job.get("parameters") or {},
             kernel_name=kernel,
+            # Given, papermill need not read the kernelspec, which may be a bare string.
+            language=language or "python",
             # The notebook sees its own folder, as in Jupyter and in the local backend.
             cwd=str(notebook.parent),
             log_output=True,
