@@ -168,6 +168,7 @@ def run(
         if not state:
             shutil.rmtree(state_dir, ignore_errors=True)
         return EXIT_INVALID
+    pool = _prewarm(request)
     # With --state the same command finds the same instance again (resume); without it the
     # state is thrown away, so a fresh id is as good as any.
     message_id = resume_message_id(body, properties, state_dir) if state else uuid.uuid4().hex
@@ -224,6 +225,8 @@ def run(
         return 130
     finally:
         progress.close()
+        if pool is not None:
+            pool.withdraw()  # kernels no runner claimed (other kernels, a failed clone...)
     summary = status.get("output") if isinstance(status.get("output"), dict) else None
     if summary is None:
         summary = _failed_summary(instance_id, status, request)
@@ -235,6 +238,21 @@ def run(
     if not state:
         shutil.rmtree(state_dir, ignore_errors=True)
     return EXIT_OK if summary["result"] in ("succeeded", "succeededWithIssues") else EXIT_FAILED
+
+
+def _prewarm(request: Any) -> Any:
+    """Kernels for the first notebooks, started now, while the app starts and clones."""
+    if request.compute.backend != "local" or request.compute.python:
+        return None
+    from notebookops.compute.local import LocalBackend
+
+    try:
+        backend = LocalBackend()
+    except Exception:  # the backend reports its own problem at submit; nothing to warm
+        return None
+    has_glob = any(set("*?[") & set(entry.path) for entry in request.notebooks)
+    count = backend.workers if has_glob else len(request.notebooks)
+    return backend.prewarm(count, request.compute.kernel or "python3")
 
 
 def resume_message_id(body: bytes, properties: dict[str, Any] | None, state_dir: Path) -> str:

@@ -96,6 +96,13 @@ class LocalBackend:
             raise PermanentBackendError(f"workers must be a positive number, got {workers!r}")
         self.workers = workers if workers is not None else _workers_from_env()
 
+    def prewarm(self, notebooks: int, kernel_name: str = "python3") -> Any:
+        """Start a kernel per worker slot (at most one per notebook) now, before the clone, so
+        the first notebooks do not wait for a kernel start; returns the local_pool.Pool."""
+        from notebookops.compute import local_pool
+
+        return local_pool.prewarm(self.runs_root, min(self.workers, notebooks), kernel_name)
+
     # -- submit -------------------------------------------------------------------------------
 
     def submit(self, spec: RunSpec) -> RunHandle:

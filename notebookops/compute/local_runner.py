@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from notebookops.compute import local_pool
 from notebookops.compute.base import CANCELED, FAILED, SUCCEEDED, TIMED_OUT, RunError
 from notebookops.compute.local_state import RunFiles, read_json, write_json_atomic
 from notebookops.compute.staging import protect_view
@@ -303,10 +304,19 @@ def _warm_kernel(config: dict[str, Any], files: RunFiles, abort: Abort) -> Any |
     km = None
     try:
         name = _warm_kernel_name(config, files.work / config["notebook"])
-        km = _kernel_manager_class(abort)(kernel_name=name)
-        run_sync(_launch)(km)
-        _preload()  # the kernel boots in its own process while this imports papermill
-        run_sync(_wait_ready)(km, KERNEL_START_TIMEOUT_SECONDS)
+        source = Path(config["source"]) if config.get("source") else None
+        offer = local_pool.claim(Path(config["runsRoot"]), name, source, files.pool_kernel)
+        if offer is not None:  # started before the clone finished (local_pool.py)
+            km = local_pool.adopted_manager(_kernel_manager_class(abort), offer, name)
+            abort.kernel_started(int(offer["pid"]))
+            _preload()
+            run_sync(_wait_ready)(km, KERNEL_START_TIMEOUT_SECONDS)
+            run_sync(local_pool.move_into)(km.ready_client, Path.cwd())
+        else:
+            km = _kernel_manager_class(abort)(kernel_name=name)
+            run_sync(_launch)(km)
+            _preload()  # the kernel boots in its own process while this imports papermill
+            run_sync(_wait_ready)(km, KERNEL_START_TIMEOUT_SECONDS)
         if abort.reason is not None:
             raise RuntimeError("run stopped while its kernel was starting")
         return km

@@ -75,6 +75,7 @@ class RunFiles:
         self.work = run_dir / "work"
         self.output_dir = run_dir / "output"
         self.log = run_dir / "runner.log"
+        self.pool_kernel = run_dir / "pool-kernel.json"  # the prewarmed kernel it adopted, if any
 
     def output_path(self, notebook: str) -> Path:
         return self.output_dir / Path(notebook).name
