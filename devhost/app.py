@@ -19,7 +19,13 @@ from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
-TRIGGERS = {"orchestrationTrigger", "activityTrigger", "serviceBusTrigger", "httpTrigger"}
+TRIGGERS = {
+    "orchestrationTrigger",
+    "activityTrigger",
+    "serviceBusTrigger",
+    "httpTrigger",
+    "eventGridTrigger",
+}
 INPUT_BINDINGS = {"durableClient"}
 
 

@@ -25,7 +25,15 @@ from . import events as ev
 from .app import AppIndex, AppIndexError, FunctionInfo, load_app
 from .clock import Clock, make_clock
 from .episode import EpisodeResult, run_episode
-from .invoke import FunctionError, call, failure_details, run_activity, service_bus_message
+from .eventgrid import DeliveryError, check_event
+from .invoke import (
+    FunctionError,
+    call,
+    event_grid_event,
+    failure_details,
+    run_activity,
+    service_bus_message,
+)
 from .store import Instance, Store
 
 log = logging.getLogger("devhost")
@@ -683,13 +691,7 @@ class Engine:
     ) -> Any:
         """Invoke a serviceBusTrigger function with one message, as the Service Bus extension
         would; a raised exception propagates (Service Bus would abandon and redeliver)."""
-        info = self.app.get(function_name)
-        if info is None:
-            raise HostError(404, f"No function named '{function_name}'.")
-        if info.trigger_type != "serviceBusTrigger":
-            raise HostError(
-                400, f"Function '{info.name}' is a {info.trigger_type}, not a serviceBusTrigger."
-            )
+        info = self._trigger_function(function_name, "serviceBusTrigger")
         data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
         message = service_bus_message(
             data,
@@ -698,6 +700,31 @@ class Engine:
             application_properties=application_properties,
         )
         return call(info, self._kwargs(info, message), str(self.app_dir))
+
+    def deliver_event_grid(self, function_name: str, event: dict[str, Any]) -> Any:
+        """Invoke an eventGridTrigger function with one event (Event Grid or CloudEvents
+        schema), as the Event Grid extension does for each event of a delivery; a raised
+        exception propagates (Event Grid would retry the delivery)."""
+        info = self._trigger_function(function_name, "eventGridTrigger")
+        try:
+            check_event(event)
+        except DeliveryError as exc:
+            raise HostError(400, str(exc)) from exc
+        try:
+            value = event_grid_event(event)
+        except ValueError as exc:  # the worker's converter parses eventTime
+            raise HostError(400, f"event.eventTime: {event.get('eventTime')!r}: {exc}") from exc
+        return call(info, self._kwargs(info, value), str(self.app_dir))
+
+    def _trigger_function(self, function_name: str, trigger_type: str) -> FunctionInfo:
+        info = self.app.get(function_name)
+        if info is None:
+            raise HostError(404, f"No function named '{function_name}'.")
+        if info.trigger_type != trigger_type:
+            raise HostError(
+                400, f"Function '{info.name}' is a {info.trigger_type}, not a {trigger_type}."
+            )
+        return info
 
     def invoke_http(self, info: FunctionInfo, request: Any) -> Any:
         return call(info, self._kwargs(info, request), str(self.app_dir))

@@ -21,11 +21,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import azure.functions as func
 
 from .engine import Engine, HostError
+from .eventgrid import DeliveryError, parse_events, validation_response
 from .events import parse_iso
 from .invoke import FunctionError
 
 log = logging.getLogger("devhost.http")
 DURABLE = "/runtime/webhooks/durabletask"
+EVENT_GRID = "/runtime/webhooks/eventgrid"
 RUNNING_CODES = {"Pending", "Running", "ContinuedAsNew", "Suspended"}
 UNSUPPORTED_APIS = {"entities": "durable entities"}
 UNSUPPORTED_ACTIONS = {
@@ -127,6 +129,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._dispatch("PATCH")
 
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         path = unquote(parts.path)
@@ -135,6 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path.startswith(DURABLE + "/"):
                 self._durable(method, path[len(DURABLE) + 1 :], query, body)
+            elif path.rstrip("/") == EVENT_GRID:
+                self._event_grid(method, query, body)
             elif path.startswith("/admin/functions/"):
                 self._admin(method, path[len("/admin/functions/") :], body)
             elif path == "/api" or path.startswith("/api/"):
@@ -145,6 +152,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, f"No route for {method} {path}")
         except HostError as exc:
             self._error(exc.status, str(exc))
+        except DeliveryError as exc:
+            self._error(400, str(exc))
         except Exception as exc:  # never drop the connection without an answer
             log.exception("devhost: %s %s failed", method, path)
             self._error(500, f"{type(exc).__name__}: {exc}")
@@ -309,11 +318,28 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(payload, dict):
             self._error(400, 'The request body must be a JSON object like {"input": ...}')
             return
+        if info.trigger_type == "eventGridTrigger":
+            # Core Tools' convention: {"input": "<the event's JSON>"}; an object is taken too.
+            event = payload.get("input")
+            if isinstance(event, str):
+                try:
+                    event = json.loads(event)
+                except json.JSONDecodeError as exc:
+                    self._error(400, f"input: not the JSON of an event: {exc}")
+                    return
+            try:
+                self.host.deliver_event_grid(info.name, event)
+            except FunctionError as exc:
+                self._send(500, {"error": str(exc)})
+                return
+            self._send(202)
+            return
         if info.trigger_type != "serviceBusTrigger":
             raise HostError(
                 400,
                 f"Function '{info.name}' is a {info.trigger_type}; the admin endpoint fires "
-                "serviceBusTrigger functions (use the durable API or /api/ for the others)",
+                "serviceBusTrigger and eventGridTrigger functions (use the durable API or /api/ "
+                "for the others)",
             )
         if "inputBase64" in payload:
             try:
@@ -342,6 +368,58 @@ class _Handler(BaseHTTPRequestHandler):
             )
         except FunctionError as exc:
             self._send(500, {"error": str(exc)})
+            return
+        self._send(202)
+
+    # -- Event Grid webhook ----------------------------------------------------------------------
+
+    def _event_grid(self, method: str, query: dict, body: bytes) -> None:
+        """The Event Grid extension's webhook: validation handshake, notifications, unsubscribe."""
+        name = _query_value(query, "functionName") or ""
+        info = self.host.app.get(name) if name else None
+        if info is None or info.trigger_type != "eventGridTrigger":
+            known = sorted(f.name for f in self.host.app.of_type("eventGridTrigger"))
+            self._error(
+                404, f"cannot find function: '{name}' (eventGridTrigger functions: {known})"
+            )
+            return
+        if method == "OPTIONS":
+            # CloudEvents webhook validation: allow the origin that asks.
+            origin = self.headers.get("WebHook-Request-Origin")
+            headers = {"WebHook-Allowed-Origin": origin} if origin else {}
+            self._send(200, headers={**headers, "WebHook-Allowed-Rate": "*"})
+            return
+        if method != "POST":
+            self._error(405, f"{method} is not allowed on {EVENT_GRID}; Event Grid POSTs")
+            return
+        kind = self.headers.get("aeg-event-type")
+        if kind == "Unsubscribe":
+            self._send(202)
+            return
+        if kind not in ("SubscriptionValidation", "Notification"):
+            self._error(
+                400,
+                f"aeg-event-type header: expected SubscriptionValidation, Notification or "
+                f"Unsubscribe, got {kind!r}",
+            )
+            return
+        events = parse_events(body)
+        if kind == "SubscriptionValidation":
+            self._send(200, validation_response(events))
+            return
+        failures = []
+        for index, event in enumerate(events):
+            try:
+                self.host.deliver_event_grid(info.name, event)
+            except FunctionError as exc:
+                # Every event is tried; one failure makes Event Grid retry the delivery.
+                log.error("devhost: %s (event %s)", exc, event.get("id"))
+                failures.append({"index": index, "id": event.get("id"), "error": str(exc)})
+        if failures:
+            self._send(
+                500,
+                {"error": f"{len(failures)} of {len(events)} events failed", "failures": failures},
+            )
             return
         self._send(202)
 

@@ -16,6 +16,7 @@ from typing import Any
 import azure.functions as func
 from azure.functions import meta
 from azure.functions.durable_functions import ActivityTriggerConverter
+from azure.functions.eventgrid import EventGridEventInConverter
 from azure.functions.servicebus import ServiceBusMessageInConverter
 
 from .app import FunctionInfo
@@ -129,3 +130,11 @@ def service_bus_message(
         "ContentType": meta.Datum("application/json", "string"),
     }
     return ServiceBusMessageInConverter.decode(meta.Datum(body, "bytes"), trigger_metadata=metadata)
+
+
+def event_grid_event(event: dict[str, Any]) -> func.EventGridEvent:
+    """Build the trigger value through the worker's converter from the event's JSON, as the
+    host sends it (a CloudEvents 1.0 event becomes an azure.functions CloudEvent)."""
+    return EventGridEventInConverter.decode(
+        meta.Datum(json.dumps(event), "json"), trigger_metadata=None
+    )
