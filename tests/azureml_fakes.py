@@ -920,6 +920,15 @@ class FakeRun:
         self.script = Script(service.next_script)
         self.files: dict[str, bytes] = {}
         self.error_message: str | None = None
+        self.tags: dict[str, str] = {}
+
+    def get_tags(self) -> dict[str, str]:
+        self.service.calls.append(("get_tags", self.id))
+        return dict(self.tags)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.service.calls.append(("set_tags", self.id))
+        self.tags.update(tags)
 
     def get_status(self) -> str:
         self.service.calls.append(("get_status", self.id))
@@ -976,6 +985,26 @@ class FakeV1Service:
         self.calls.append(("submit", run_id))
         if self.submit_error is not None:
             raise self.submit_error
+        env_name = config.run_config.environment.name or ""
+        if env_name.lower().startswith(("azureml", "microsoft")):
+            from azureml.exceptions import ExperimentExecutionException
+
+            # The service's answer to a definition named with a reserved prefix.
+            raise ExperimentExecutionException(
+                json.dumps(
+                    {
+                        "error_details": {
+                            "error": {
+                                "code": "UserError",
+                                "message": "Environment name can not start with the prefix "
+                                "AzureML. To alter a curated environment, you must create a "
+                                "new environment with a different name.",
+                            }
+                        },
+                        "status_code": 400,
+                    }
+                )
+            )
         if run_id in self.runs:
             from azureml.exceptions import ExperimentExecutionException
 
@@ -1001,10 +1030,12 @@ class FakeV1Service:
         )
         run = self.runs[run_id] = FakeRun(self, run_id, workspace)
         if self.lose_next_response:
+            # The run exists; the answer (and so the SDK's second call, set_tags) never came.
             self.lose_next_response = False
             import requests
 
             raise requests.ConnectionError("Connection aborted: the response was lost")
+        run.set_tags(tags)  # what Experiment.submit does once the run exists
         return run
 
     def get_environment(

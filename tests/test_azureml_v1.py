@@ -1,9 +1,15 @@
 """The `azureml-v1` backend (azureml-core + azureml-contrib-notebook) on real SDK objects.
 
-NotebookRunConfig, RunConfiguration, Environment, Workspace and the auth objects are the real
-ones, built offline. Azure ML cannot be reached from here, so `Experiment.submit`, `Run.get`
-and `Environment.get` are replaced by tests.azureml_fakes.FakeV1Service, a recording fake whose
-runs follow the documented v1 status sequence.
+NotebookRunConfig, RunConfiguration, Environment, CondaDependencies, Workspace and the auth
+objects are the real ones, built offline. The faked boundary is the backend's own service seam
+`V1Service` (`Experiment.submit`, `Run.get`, `Environment.get`) and the `Run` objects they
+return, replaced by tests.azureml_fakes.FakeV1Service: azureml-core's submit is not one HTTP
+client but five (ARM, run history, execution, artifacts, a snapshot upload through
+azure-storage-blob, each with its own `requests` session, retries and token refresh), so a
+recorded HTTP layer for it would be larger than the backend it tests. The fake answers as the
+service does where the backend depends on it: runs follow the documented v1 status sequence,
+a duplicate run id and an environment named with a reserved prefix are refused with the
+service's words, and `Experiment.submit` tags the run in a second call, as the SDK does.
 """
 
 from __future__ import annotations
@@ -127,10 +133,16 @@ def test_submit_hands_azure_ml_a_notebook_run_that_uploads_its_output(backend, s
     papermill_options = json.loads(args[args.index("-p") + 1])
     assert papermill_options["cwd"] == "nb/smoke" and papermill_options["log_output"] is True
     assert sorted(sub["snapshot"]) == sorted(
-        ["nb/smoke/train.ipynb", "nb/helper.py", "papermill_notebook_run_handler.py"]
+        [
+            ".amlignore",  # empty: the ignore rules were applied while staging
+            "nb/smoke/train.ipynb",
+            "nb/helper.py",
+            "papermill_notebook_run_handler.py",
+        ]
     )
     assert "setuptools<82" in sub["conda"] and "azureml-contrib-notebook[full]" in sub["conda"]
-    assert config.run_config.environment.name == "nb-env-notebookops"
+    assert config.run_config.environment.name == "notebookops-nb-env"
+    assert service.runs[spec.run_key].tags == spec.tags
     assert handle.run_id == spec.run_key and handle.backend == "azureml-v1"
     assert handle.portal_url.startswith(f"https://ml.azure.com/runs/{spec.run_key}?wsid=")
 
@@ -149,7 +161,11 @@ def test_the_checkout_and_the_registered_environment_are_not_modified(backend, s
 def test_source_directory_is_the_snapshot_root(backend, service, checkout):
     backend.submit(_spec(checkout, sourceDirectory="nb/smoke"))
     [sub] = service.submissions
-    assert sorted(sub["snapshot"]) == ["papermill_notebook_run_handler.py", "train.ipynb"]
+    assert sorted(sub["snapshot"]) == [
+        ".amlignore",
+        "papermill_notebook_run_handler.py",
+        "train.ipynb",
+    ]
     args = sub["config"].arguments
     assert json.loads(args[args.index("-p") + 1]).get("cwd") is None  # notebook at the root
 
@@ -169,6 +185,15 @@ def test_without_an_environment_a_notebook_ready_one_is_defined(backend, service
         ("nb-env@latest", ("nb-env", None, None)),
         ("nb-env@prod", ("nb-env", None, "prod")),
         ("nb-env", ("nb-env", None, None)),
+        (
+            "AzureML-sklearn-1.0-ubuntu20.04-py38-cpu@latest",
+            ("AzureML-sklearn-1.0-ubuntu20.04-py38-cpu", None, None),
+        ),
+        (
+            f"/subscriptions/{fakes.SUBSCRIPTION}/resourceGroups/rg/providers/"
+            "Microsoft.MachineLearningServices/workspaces/ws/environments/nb-env/versions/4",
+            ("nb-env", "4", None),
+        ),
     ],
 )
 def test_environment_references(text, parsed):
@@ -176,21 +201,25 @@ def test_environment_references(text, parsed):
 
 
 def test_a_bad_or_unknown_environment_is_a_permanent_error_naming_it(backend, checkout):
-    with pytest.raises(PermanentBackendError, match=r"compute.environment .*'azureml://x/y'"):
+    with pytest.raises(PermanentBackendError, match=r"compute.environment 'azureml://x/y'"):
         backend.submit(_spec(checkout, environment="azureml://x/y"))
     with pytest.raises(PermanentBackendError, match=r"'missing-env'.*not found"):
         backend.submit(_spec(checkout, environment="missing-env"))
 
 
-def test_a_lost_submit_response_retried_finds_the_run(backend, service, checkout):
-    """The fake creates the run, then drops the response as a broken connection would."""
+def test_a_lost_submit_response_retried_finds_the_run_and_tags_it(backend, service, checkout):
+    """The fake creates the run, then drops the response as a broken connection would, before
+    the SDK's second call (set_tags): the retried submit finds the untagged run and tags it."""
     service.lose_next_response = True
     spec = _spec(checkout)
     with pytest.raises(requests.ConnectionError):
         backend.submit(spec)
+    assert service.runs[spec.run_key].tags == {}
     first = backend.submit(spec)
+    assert service.runs[spec.run_key].tags == spec.tags
     second = backend.submit(spec)
     assert service.count("submit") == 1 and list(service.runs) == [spec.run_key]
+    assert service.count("set_tags") == 1  # tagged once, not on every retry
     assert first == second
 
 
@@ -314,3 +343,183 @@ def test_service_principal_settings_must_be_complete_and_never_leak(
     with pytest.raises(PermanentBackendError) as caught:
         backend.submit(_spec(checkout))
     assert "AZURE_TENANT_ID" in str(caught.value) and "sup3r-s3cret" not in str(caught.value)
+
+
+# -- environments the service accepts -------------------------------------------------------
+
+
+def _curated_env(name: str, pip: list[str]) -> Environment:
+    env = Environment(name)
+    env.python.conda_dependencies = CondaDependencies.create(
+        python_version="3.10", pip_packages=pip
+    )
+    return env
+
+
+def test_a_curated_environment_is_copied_under_a_name_the_service_accepts(
+    backend, service, checkout
+):
+    curated = "AzureML-sklearn-1.0-ubuntu20.04-py38-cpu"
+    service.environments[curated] = _curated_env(curated, ["papermill", "ipykernel"])
+    spec = _spec(checkout, environment=f"{curated}@latest")
+    handle = backend.submit(spec)
+    [sub] = service.submissions
+    env = sub["config"].run_config.environment
+    assert env.name == f"notebookops-{curated}" and env.version is None
+    assert "setuptools<82" in sub["conda"]
+    assert service.environments[curated].name == curated  # the curated one is untouched
+    assert handle.run_id == spec.run_key
+
+
+def test_the_fake_refuses_a_reserved_environment_name_as_the_service_does(service, checkout):
+    """The check the test above relies on: a copy named AzureML-... is refused."""
+    from azureml.core.runconfig import RunConfiguration
+
+    config = RunConfiguration()
+    config.environment = _curated_env("AzureML-x-notebookops", [])
+    wrapped = type("Config", (), {"run_config": config, "source_directory": str(checkout)})
+    with pytest.raises(ExperimentExecutionException, match="can not start with the prefix"):
+        service.submit(None, "e", wrapped(), "r1", {})
+
+
+@pytest.mark.parametrize(
+    ("pip", "pinned"),
+    [
+        (["papermill", "ipykernel"], True),
+        (["papermill", "setuptools-scm"], True),  # another package: the pin is still needed
+        (["papermill", "setuptools_rust>=1"], True),
+        (["papermill", "setuptools"], True),  # unpinned: pip would take 82+
+        (["papermill", "setuptools>=60"], True),
+        (["papermill", "setuptools<70"], False),  # already keeps pkg_resources
+        (["papermill", "Setuptools==65.5.0"], False),
+    ],
+)
+def test_the_setuptools_pin_matches_the_package_name_exactly(
+    backend, service, checkout, pip, pinned
+):
+    service.environments["nb-env"] = _curated_env("nb-env", pip)
+    backend.submit(_spec(checkout))
+    pips = service.submissions[0]["config"].run_config.environment.python.conda_dependencies
+    assert ("setuptools<82" in list(pips.pip_packages)) == pinned
+
+
+# -- the snapshot ---------------------------------------------------------------------------
+
+
+def _writable(root: Path) -> None:
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_ignore_files_shape_the_snapshot_but_never_drop_the_runner_or_the_notebook(
+    backend, service, checkout
+):
+    _writable(checkout)
+    (checkout / ".gitignore").write_text("*.py\n*.ipynb\ndata/\n")
+    (checkout / "data").mkdir()
+    (checkout / "data" / "big.csv").write_text("x\n" * 100)
+    backend.submit(_spec(checkout))
+    snapshot = service.submissions[0]["snapshot"]
+    assert "nb/helper.py" not in snapshot and "data/big.csv" not in snapshot
+    assert {"nb/smoke/train.ipynb", "papermill_notebook_run_handler.py"} <= set(snapshot)
+    assert ".gitignore" in snapshot and snapshot[".amlignore"].startswith(b"#")
+
+
+def test_a_snapshot_over_2000_files_fails_at_submit_with_count_size_and_the_setting(
+    backend, service, checkout
+):
+    _writable(checkout)
+    many = checkout / "nb" / "many"
+    many.mkdir()
+    for i in range(2001):
+        (many / f"f{i}.txt").write_text("x")
+    with pytest.raises(PermanentBackendError) as caught:
+        backend.submit(_spec(checkout))
+    text = str(caught.value)
+    assert "2,005 files" in text and "MB" in text and "2,000 files" in text
+    assert "compute.sourceDirectory" in text and ".amlignore" in text
+    assert service.count("submit") == 0
+    # Narrowing the upload is the fix the message names.
+    backend.submit(_spec(checkout, sourceDirectory="nb/smoke"))
+    assert service.count("submit") == 1
+
+
+def test_a_snapshot_over_300_mb_fails_at_submit(backend, service, checkout):
+    _writable(checkout)
+    with open(checkout / "nb" / "weights.bin", "wb") as handle:
+        handle.truncate(301 * 1024 * 1024)  # sparse: no disk is spent on it
+    with pytest.raises(PermanentBackendError, match=r"30[01]\.\d MB.*300 MB"):
+        backend.submit(_spec(checkout))
+    assert service.count("submit") == 0
+
+
+def test_an_ignored_big_file_keeps_the_snapshot_inside_the_limits(backend, service, checkout):
+    _writable(checkout)
+    with open(checkout / "nb" / "weights.bin", "wb") as handle:
+        handle.truncate(301 * 1024 * 1024)
+    (checkout / ".amlignore").write_text("*.bin\n")
+    backend.submit(_spec(checkout))
+    assert "nb/weights.bin" not in service.submissions[0]["snapshot"]
+
+
+# -- times and credentials ------------------------------------------------------------------
+
+
+def test_a_queued_run_has_no_start_time_and_a_running_one_has_its_own(backend, service, checkout):
+    """The fake's run history sets startTimeUtc from the second read on (Queued included),
+    as the service does once a run leaves NotStarted; queued is not execution."""
+    service.next_script = ["NotStarted", "Queued", "Preparing", "Running"]
+    handle = backend.submit(_spec(checkout))
+    seen = [backend.status(handle) for _ in range(4)]
+    assert [s.state for s in seen] == ["queued", "queued", "queued", "running"]
+    assert [s.started_at for s in seen] == [None, None, None, "2026-01-01T10:00:00.000Z"]
+
+
+def test_a_transient_managed_identity_failure_is_retried_not_fatal(backend, service, checkout):
+    from azureml.exceptions import AuthenticationException
+
+    handle = backend.submit(_spec(checkout))
+    real = service.get_run
+
+    def flaky(ws, run_id):
+        service.get_run = real
+        raise AuthenticationException(
+            "MSI: Failed to retrieve a token from the managed identity endpoint: connection "
+            "timed out"
+        )
+
+    service.get_run = flaky
+    with pytest.raises(AuthenticationException):
+        backend.status(handle)
+    assert backend.status(handle).state == "queued"
+
+
+def test_a_refused_identity_is_permanent(backend, service, checkout):
+    from azureml.exceptions import AuthenticationException
+
+    def refused(ws, run_id):
+        raise AuthenticationException("AADSTS700016: Application not found in the directory")
+
+    service.get_run = refused
+    with pytest.raises(PermanentBackendError, match="AzureML Data Scientist"):
+        backend.submit(_spec(checkout))
+
+
+def test_a_failed_run_whose_output_cannot_be_read_keeps_its_verdict(
+    backend, service, checkout, tmp_path
+):
+    service.next_script = ["Failed"]
+    handle = backend.submit(_spec(checkout))
+    run = service.runs[handle.run_id]
+    run.files["outputs/train.ipynb"] = b"{}"
+
+    def forbidden(name, output_file_path=None):
+        raise ExperimentExecutionException(
+            '{"status_code": 403, "error_details": {"error": '
+            '{"message": "AuthorizationPermissionMismatch"}}}'
+        )
+
+    run.download_file = forbidden
+    status = backend.status(handle)
+    assert status.state == "failed" and "could not be read" in status.message
+    assert backend.fetch_output(handle, tmp_path / "x.ipynb") is None

@@ -408,11 +408,7 @@ def _credential_hiccup(exc: Exception) -> bool:
     code = getattr(response, "status_code", None) or getattr(exc, "status_code", None)
     if code is not None:
         return common.transient_status(code)
-    text = str(exc).lower()
-    return any(
-        word in text
-        for word in ("timed out", "timeout", "temporarily", "no response", "connection", "retry")
-    )
+    return common.transient_text(str(exc))
 
 
 def _storage_refused(exc: Exception) -> bool:

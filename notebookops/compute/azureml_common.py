@@ -225,6 +225,15 @@ def transient_status(code: int | None) -> bool:
     return code is not None and code in _TRANSIENT_CODES
 
 
+_TRANSIENT_WORDS = ("timed out", "timeout", "temporarily", "no response", "connection", "retry")
+
+
+def transient_text(text: str) -> bool:
+    """Words of a failure that trying again can cure (credential endpoints say no more)."""
+    lowered = text.lower()
+    return any(word in lowered for word in _TRANSIENT_WORDS)
+
+
 def status_code_from_text(text: str) -> int | None:
     """v1 folds the HTTP status into the exception text (reference §6.1)."""
     match = _CODE_IN_TEXT.search(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path, PurePosixPath
@@ -21,12 +22,14 @@ from notebookops.compute import azureml_common as common
 from notebookops.compute.base import (
     CANCELED,
     FAILED,
+    QUEUED,
     TERMINAL_STATES,
     PermanentBackendError,
     RunHandle,
     RunNotFinishedError,
     RunSpec,
     RunStatus,
+    parse_iso,
 )
 from notebookops.notebook_errors import error_from_file
 
@@ -34,7 +37,10 @@ from notebookops.notebook_errors import error_from_file
 SETUPTOOLS_PIN = "setuptools<82"
 DEFAULT_ENVIRONMENT_NAME = "notebookops-v1-notebook"
 DEFAULT_PYTHON = "3.10"
-ENV_SUFFIX = "-notebookops"
+# Azure ML refuses environment names starting with "AzureML" or "Microsoft" (reserved for
+# curated ones), so the per-run copy gets a prefix, never a suffix.
+ENV_PREFIX = "notebookops-"
+_ENV_NAME_MAX = 255
 
 
 class V1Service(Protocol):
@@ -98,27 +104,39 @@ def _auth() -> Any:
 
 
 def parse_environment(reference: str) -> tuple[str, str | None, str | None]:
-    """(name, version, label) from `azureml:name:3`, `name@latest`, `name@prod` or `name`."""
-    text = reference.strip()
-    text = text.removeprefix("azureml:")
-    name, version, label = text, None, None
-    if "@" in text:
-        name, _, label = text.partition("@")
-        label = None if label == "latest" else label  # no version nor label means latest
-    elif ":" in text:
-        name, _, version = text.partition(":")
-    if not name or (version == "") or "/" in name or ":" in name:
-        raise PermanentBackendError(
-            f"compute.environment must name a registered environment ('name', 'name:version' "
-            f"or 'name@label'), got {reference!r}"
-        )
-    return name, version, label
+    """(name, version, label) from any v1 form (`nb-env`, `azureml:nb-env:3`, `nb-env@prod`,
+    a curated `AzureML-...` name, an ARM id); `@latest` and no version mean the newest."""
+    try:
+        ref = common.parse_environment_ref(reference, "azureml-v1")
+    except ValueError as exc:
+        raise PermanentBackendError(f"compute.environment {reference!r} {exc}") from None
+    return ref.name, ref.version, ref.label
 
 
-def _has_setuptools(env: Any) -> bool:
+_SETUPTOOLS = re.compile(r"\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?P<spec>.*)")
+
+
+def _setuptools_pinned_below_82(env: Any) -> bool:
+    """True when the environment already lists setuptools itself (the exact name, not
+    setuptools-scm or setuptools_rust) with a version range that keeps pkg_resources."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
     deps = env.python.conda_dependencies
-    names = [*deps.pip_packages, *deps.conda_packages]
-    return any(str(p).strip().lower().startswith("setuptools") for p in names)
+    for entry in [*deps.pip_packages, *deps.conda_packages]:
+        match = _SETUPTOOLS.fullmatch(str(entry))
+        if not match or re.sub(r"[-_.]+", "-", match["name"].lower()) != "setuptools":
+            continue
+        spec = match["spec"].split(";", 1)[0].strip()
+        # conda writes "setuptools=65.5" for "65.5.*"
+        spec = re.sub(r"^=(?!=)", "==", spec) if spec.startswith("=") else spec
+        if spec.startswith("==") and not spec.endswith("*") and spec.count(".") < 2:
+            spec += ".*"
+        try:
+            if spec and not SpecifierSet(spec).contains("82", prereleases=True):
+                return True
+        except InvalidSpecifier:
+            continue
+    return False
 
 
 class AzureMLV1Backend:
@@ -168,6 +186,8 @@ class AzureMLV1Backend:
         if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError)):
             raise exc
         text = str(exc)
+        if type(exc).__name__ == "AuthenticationException" and common.transient_text(text):
+            raise exc  # the managed-identity endpoint or Entra ID did not answer
         code = getattr(exc, "status_code", None)
         code = code if isinstance(code, int) else common.status_code_from_text(text)
         if common.transient_status(code):
@@ -220,9 +240,9 @@ class AzureMLV1Backend:
         env = copy.deepcopy(registered)
         # A changed definition under the registered name would be auto-registered on submit
         # as a new version of the user's environment; give it a name of its own.
-        env.name = f"{name}{ENV_SUFFIX}"
+        env.name = f"{ENV_PREFIX}{name}"[:_ENV_NAME_MAX]
         env.version = None
-        if not env.python.user_managed_dependencies and not _has_setuptools(env):
+        if not env.python.user_managed_dependencies and not _setuptools_pinned_below_82(env):
             env.python.conda_dependencies.add_pip_package(SETUPTOOLS_PIN)
         return env
 
@@ -267,11 +287,15 @@ class AzureMLV1Backend:
         # The run id is the idempotency key (reference §6.3): find before creating.
         existing = self._get_run(ref, spec.run_key)
         if existing is not None:
+            self._tag(ref, existing, spec)
             return self._handle(spec.run_key, existing, ref, output)
         staged = self._work() / "source" / spec.run_key
         try:
-            common.stage_source(spec, staged)
+            inner = common.stage_source(spec, staged)
             config = self.build_config(spec, staged, self._environment(spec, ref))
+            # After NotebookRunConfig wrote its runner script: the snapshot is final.
+            files, size = common.apply_ignore_files(staged, keep=[inner, config.script])
+            common.check_snapshot_limits(files, size, spec)
             experiment = spec.compute.get("experiment") or "notebook-ci"
             try:
                 run = self._service.submit(
@@ -283,12 +307,26 @@ class AzureMLV1Backend:
                 if common.exists_error(str(exc)):
                     run = self._get_run(ref, spec.run_key)
                     if run is not None:
+                        self._tag(ref, run, spec)
                         return self._handle(spec.run_key, run, ref, output)
                 self._raise_for(exc, ref, f"submit run {spec.run_key}")
                 raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return self._handle(spec.run_key, run, ref, output)
+
+    def _tag(self, ref: common.WorkspaceRef, run: Any, spec: RunSpec) -> None:
+        """The v1 start-run request carries no tags: `Experiment.submit` tags the run in a
+        second call, so a crash or a lost answer in between leaves it untagged. A retried
+        submit that finds the run adds whatever is missing."""
+        try:
+            current = run.get_tags() or {}
+            missing = {k: v for k, v in spec.tags.items() if current.get(k) != v}
+            if missing:
+                run.set_tags(missing)
+        except Exception as exc:
+            self._raise_for(exc, ref, f"tag run {spec.run_key}")
+            raise
 
     def _handle(self, run_id: str, run: Any, ref: common.WorkspaceRef, output: str) -> RunHandle:
         try:
@@ -325,10 +363,13 @@ class AzureMLV1Backend:
         state, message = common.normalise_status(raw)
         error = None
         if state == FAILED:
-            notebook = self._download(ref, run, handle)
+            try:
+                notebook = self._download(ref, run, handle)
+            except PermanentBackendError as exc:  # the verdict stands; say why there is no cell
+                notebook, message = None, f"the run failed and its output could not be read: {exc}"
             error = error_from_file(notebook) if notebook else None
             reason = ((details.get("error") or {}).get("error") or {}).get("message")
-            message = common.one_line(reason) if reason else None
+            message = common.one_line(reason) if reason else message
             if not message and not error:
                 message = (
                     "the run failed before the notebook produced output; see its logs in "
@@ -336,12 +377,16 @@ class AzureMLV1Backend:
                 )
         elif state == CANCELED:
             message = "canceled in Azure ML (on request, by a person, or for exceeding its timeout)"
+        # Run history sets startTimeUtc when the run leaves the queue; while it waits for a
+        # node or an image build the notebook has not started, whatever the DTO says.
+        started = details.get("startTimeUtc") if state != QUEUED else None
+        ended = details.get("endTimeUtc") if state in TERMINAL_STATES else None
         return RunStatus(
             state=state,
             raw_status=raw,
             error=error,
-            started_at=details.get("startTimeUtc"),
-            ended_at=details.get("endTimeUtc"),
+            started_at=started if started and parse_iso(started) else None,
+            ended_at=ended if ended and parse_iso(ended) else None,
             message=message,
         )
 
@@ -386,7 +431,10 @@ class AzureMLV1Backend:
             raise RunNotFinishedError(
                 f"Azure ML run {handle.run_id!r} has not finished (status {raw})"
             )
-        found = self._download(ref, run, handle)
+        try:
+            found = self._download(ref, run, handle)
+        except PermanentBackendError:
+            return None  # status() has said why
         if found is None:
             return None
         dest = Path(dest)
