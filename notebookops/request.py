@@ -60,6 +60,11 @@ MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 MAX_PARALLEL = 500
 MAX_PARAMETER_DEPTH = 32
 _SHOWN_VALUE_CHARS = 80
+# The user part of a URL (scheme://USER@host) or of an scp-like or bare git address
+# (USER@host:path, USER@host/path), wherever it is echoed in an error.
+_URL_USER = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#\"]*@|(^|(?<=[\s\"\[,]))[^\s/?#\"]*@(?=[^\s\"/@]+[:/])"
+)
 MIN_SECRET_CHARS = 4
 
 # Property name -> (Callback attribute, camelCase key in the body's devops object)
@@ -372,6 +377,8 @@ class _Problems:
             text = redact(text, self.secrets)
         else:
             text = f"a {type(value).__name__}"
+        # A URL with a user part may carry a token in any field, not only repository.url.
+        text = _URL_USER.sub(lambda m: (m[1] or "") + MASK + "@", text)
         if len(text) > _SHOWN_VALUE_CHARS:
             text = text[: _SHOWN_VALUE_CHARS - 1] + "…"
         return text
