@@ -53,6 +53,18 @@ def output_under(root: str | Path) -> Resolver:
     return resolve
 
 
+def rendering_of(resolve: Resolver) -> Resolver:
+    """The HTML rendering beside an executed notebook (notebookops.render), when there is one:
+    the Tests tab opens it in the browser, where the .ipynb only downloads as JSON."""
+
+    def resolve_html(notebook: Mapping[str, Any]) -> Path | None:
+        found = resolve(notebook)
+        html = Path(found).with_suffix(".html") if found else None
+        return html if html is not None and html != Path(found) and html.is_file() else None
+
+    return resolve_html
+
+
 def _default_resolver(notebook: Mapping[str, Any]) -> Path | None:
     out = notebook.get("outputNotebook")
     return Path(out) if out else None
@@ -117,6 +129,7 @@ def publish_test_results(
             )
             for notebook, result_id in zip(notebooks, result_ids, strict=False):
                 _attach(client, base, run_id, result_id, notebook, resolve)
+                _attach(client, base, run_id, result_id, notebook, rendering_of(resolve))
     except DevOpsError as exc:
         log.warning("test run %s: results not published: %s", run_id, exc)
     finally:

@@ -199,3 +199,37 @@ def test_table_and_junit_use_execution_time_not_wall_time():
 def test_untimed_notebook_has_no_execution_time():
     nb = json.loads(nbformat.writes(new_notebook(cells=[new_code_cell("1")])))
     assert cell_timing.timing(nb) == {"executionSeconds": None, "slowestCells": []}
+
+
+@pytest.mark.slow
+def test_the_rendering_is_attached_beside_the_notebook_in_the_tests_tab(failing_run, tmp_path):
+    """The real DevOps client against the fake Azure DevOps on loopback."""
+    from notebookops.devops import DevOpsClient
+    from notebookops.devops_tests import output_under
+    from tests.fake_devops import FakeDevOps
+
+    out = tmp_path / "out"
+    (out / "notebooks" / "nb").mkdir(parents=True)
+    (out / "notebooks" / "nb" / "bare.ipynb").write_text(failing_run.read_text())
+    executed = out / "notebooks" / "nb" / "failing.ipynb"
+    executed.write_text(failing_run.read_text())
+    assert describe_output(executed, "nb/failing.ipynb", "failed")["outputHtml"]
+    summary = {
+        "instanceId": "nbops-render",
+        "result": "failed",
+        "commit": "0" * 40,
+        "counts": {"total": 2, "succeeded": 0, "failed": 2, "timedOut": 0, "canceled": 0},
+        "notebooks": [
+            {"path": p, "state": "failed", "outputNotebook": f"notebooks/{p}"}
+            for p in ("nb/failing.ipynb", "nb/bare.ipynb")
+        ],
+    }
+    with FakeDevOps(token="render-test-token") as devops:
+        client = DevOpsClient.from_callback(devops.callback(), sleep=lambda _: None, timeout=5.0)
+        client.publish_test_results(summary, output_under(out))
+        (run,) = devops.test_runs()
+    results = {r["testCaseTitle"]: r["attachments"] for r in run["results"]}
+    assert [a["fileName"] for a in results["nb/failing.ipynb"]] == ["failing.ipynb", "failing.html"]
+    assert 'id="notebookops-summary"' in results["nb/failing.ipynb"][1]["content"]
+    # No rendering beside it: the notebook alone, as before.
+    assert [a["fileName"] for a in results["nb/bare.ipynb"]] == ["bare.ipynb"]
