@@ -453,3 +453,30 @@ def test_local_notebook_metadata_unused_by_fake(flow_env):
     repo = make_repo(flow_env / "r5", {"nb/plain.ipynb": notebook("x = 1")})
     summary = run(flow_env, message(repo, ["nb/plain.ipynb"], compute={"backend": "fake"}))[2]
     assert summary["output"]["result"] == "succeeded"
+
+
+def test_a_backends_start_time_is_trusted_only_between_submission_and_observation():
+    """The deadline counts from the backend's startedAt (its own clock), but a skewed or
+    garbled time can neither start it before the submit nor after the round that saw it."""
+    from datetime import UTC, datetime, timedelta
+
+    from notebookops import policy
+
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    state = {"request": {"timeoutMinutes": 600}, "notebooks": []}
+
+    def started(reported, seen=t0 + timedelta(minutes=30)):
+        notebook = {"timeoutMinutes": 5, "submittedAt": policy.iso(t0), "readyAt": policy.iso(t0)}
+        policy.mark_running(state, notebook, reported, seen)
+        return notebook
+
+    inside = started("2026-01-01T12:20:00+00:00")
+    assert inside["startedAt"] == "2026-01-01T12:20:00.000000Z"
+    assert inside["queuedSeconds"] == 20 * 60
+    assert inside["deadline"] == policy.iso(
+        t0 + timedelta(minutes=25, seconds=policy.RUNNER_GRACE_SECONDS)
+    )
+    assert started("2025-12-31T00:00:00Z")["startedAt"] == policy.iso(t0)  # before the submit
+    assert started("2026-01-02T00:00:00Z")["startedAt"] == "2026-01-01T12:30:00.000000Z"
+    assert started("not a time")["startedAt"] == "2026-01-01T12:30:00.000000Z"
+    assert started(None)["startedAt"] == "2026-01-01T12:30:00.000000Z"
