@@ -200,24 +200,22 @@ class AzureMLBackend:
         existing = self._get(workspace, spec.run_key)
         if existing is not None:
             return self._handle(spec.run_key, existing, workspace, output)
-        code_dir = self._work() / "code" / spec.run_key
+        # One folder per (commit, sourceDirectory), shared by the commit's notebooks: the SDK
+        # finds the code asset by its content hash and uploads it once.
+        code_dir, _ = common.shared_upload_folder(
+            spec, self._work() / "code", {ENTRY_FILE_NAME: _ENTRY_SOURCE}
+        )
+        job = self.build_job(spec, Path(code_dir))
         try:
-            inner = common.stage_source(spec, code_dir)
-            shutil.copyfile(_ENTRY_SOURCE, code_dir / ENTRY_FILE_NAME)
-            common.apply_ignore_files(code_dir, keep=[inner, ENTRY_FILE_NAME])
-            job = self.build_job(spec, code_dir)
-            try:
-                created = self._jobs(workspace).create_or_update(job)
-            except Exception as exc:
-                if common.exists_error(str(exc)) or _ambiguous(exc):
-                    # The PUT may have reached the service before the answer was lost.
-                    created = self._get(workspace, spec.run_key)
-                    if created is not None:
-                        return self._handle(spec.run_key, created, workspace, output)
-                self._raise_for(exc, workspace, f"create job {spec.run_key}")
-                raise
-        finally:
-            shutil.rmtree(code_dir, ignore_errors=True)
+            created = self._jobs(workspace).create_or_update(job)
+        except Exception as exc:
+            if common.exists_error(str(exc)) or _ambiguous(exc):
+                # The PUT may have reached the service before the answer was lost.
+                created = self._get(workspace, spec.run_key)
+                if created is not None:
+                    return self._handle(spec.run_key, created, workspace, output)
+            self._raise_for(exc, workspace, f"create job {spec.run_key}")
+            raise
         return self._handle(spec.run_key, created, workspace, output)
 
     def _handle(

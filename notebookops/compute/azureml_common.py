@@ -405,8 +405,34 @@ def apply_ignore_files(root: Path, keep: list[str]) -> tuple[int, int]:
             ):
                 shutil.rmtree(Path(folder) / name)
                 dirs.remove(name)
-    (root / ".amlignore").write_text("# applied by notebookops before upload\n")
+    (root / ".amlignore").unlink(missing_ok=True)  # may be a hard link into the checkout
+    (root / ".amlignore").write_text(_APPLIED + "\n")
     return snapshot_size(root)
+
+
+def shared_upload_folder(spec: RunSpec, root: Path, extra_files: dict[str, Path]) -> str:
+    """The one folder uploaded for `spec`'s (commit, sourceDirectory) (staging.shared_snapshot:
+    built once, hard links where possible), with the ignore rules applied once under a lock,
+    keeping `extra_files` and every notebook: the folder serves every notebook of the commit,
+    so a pattern may not remove one of them. Returns (folder, notebook path inside it)."""
+    import fcntl
+
+    from notebookops.compute.staging import shared_snapshot
+
+    snapshot = shared_snapshot(spec, root, extra_files=extra_files)
+    marker = snapshot.path / ".amlignore"
+    if not (marker.is_file() and marker.read_text().startswith(_APPLIED)):
+        with open(snapshot.path.with_name(snapshot.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (marker.is_file() and marker.read_text().startswith(_APPLIED)):
+                notebooks = [
+                    p.relative_to(snapshot.path).as_posix() for p in snapshot.path.rglob("*.ipynb")
+                ]
+                apply_ignore_files(snapshot.path, keep=[*extra_files, *notebooks])
+    return str(snapshot.path), snapshot.notebook
+
+
+_APPLIED = "# applied by notebookops before upload"
 
 
 def snapshot_size(root: Path) -> tuple[int, int]:
