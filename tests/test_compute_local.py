@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nbformat
@@ -454,15 +454,16 @@ def test_a_run_waiting_for_a_worker_is_queued_and_its_limit_starts_when_it_runs(
 def test_a_limit_reached_while_the_kernel_starts_still_leaves_the_notebook(
     checkout, runs_dir, tmp_path, monkeypatch
 ):
-    """The warm start dies and the retry's kernel never answers: the limit fires while the
-    kernel is starting; the result says so and the (unexecuted) notebook is still saved."""
+    """Both warm starts die (the run is still queued) and papermill's last try never
+    answers: the limit fires while that kernel is starting; the result says so and the
+    (unexecuted) notebook is still saved."""
     spec_dir = tmp_path / "jupyter" / "kernels" / "stuck"
     spec_dir.mkdir(parents=True)
-    marker = tmp_path / "first-start-happened"
+    starts = tmp_path / "starts"
     launcher = (
         "import os, sys, time\n"
-        f"if not os.path.exists({str(marker)!r}):\n"
-        f"    open({str(marker)!r}, 'w').close(); sys.exit(1)\n"
+        f"with open({str(starts)!r}, 'a') as f: f.write('start\\n')\n"
+        f"if len(open({str(starts)!r}).readlines()) <= 2: sys.exit(1)\n"
         "time.sleep(300)\n"
     )
     (spec_dir / "kernel.json").write_text(
@@ -488,6 +489,7 @@ def test_a_limit_reached_while_the_kernel_starts_still_leaves_the_notebook(
     out = backend.fetch_output(handle, tmp_path / "partial.ipynb")
     assert out is not None
     assert nbformat.read(out, as_version=4).cells[-1].source == "print('never')"
+    assert len(starts.read_text().splitlines()) == 3  # two warm starts, then papermill's
 
 
 @pytest.mark.slow
@@ -517,10 +519,12 @@ def test_kernel_that_fails_to_start_once_is_retried(checkout, runs_dir, tmp_path
     spec_dir = tmp_path / "jupyter" / "kernels" / "flaky"
     spec_dir.mkdir(parents=True)
     marker = tmp_path / "first-start-happened"
+    second = tmp_path / "second-start-at"
     launcher = (
-        "import os, sys\n"
+        "import os, sys, time\n"
         f"if not os.path.exists({str(marker)!r}):\n"
         f"    open({str(marker)!r}, 'w').close(); sys.exit(1)\n"
+        f"open({str(second)!r}, 'w').write(repr(time.time()))\n"
         "os.execv(sys.executable, [sys.executable, '-m', 'ipykernel_launcher', *sys.argv[1:]])\n"
     )
     (spec_dir / "kernel.json").write_text(
@@ -538,9 +542,13 @@ def test_kernel_that_fails_to_start_once_is_retried(checkout, runs_dir, tmp_path
     spec.compute["kernel"] = "flaky"
     backend = get_backend("local")
     handle = backend.submit(spec)
-    assert finish(backend, handle).state == "succeeded"
+    status = finish(backend, handle)
+    assert status.state == "succeeded"
     assert marker.exists()
     assert "retrying once" in (Path(handle.data["runDir"]) / "runner.log").read_text()
+    # The retry happened while the run was queued: the limit's clock had not started.
+    retried_at = datetime.fromtimestamp(float(second.read_text()), UTC)
+    assert parse_iso(status.started_at) > retried_at
 
 
 def test_local_backend_is_refused_unless_enabled(monkeypatch, checkout):

@@ -503,6 +503,10 @@ def run(run_dir: Path) -> int:
     # like it does in Jupyter.
     os.chdir((files.work / config["notebook"]).parent)
     km = _warm_kernel(config, files, abort)
+    if km is None and abort.reason is None:
+        # The one retry happens here too, while the run is still queued: a kernel start is
+        # not the notebook's execution and must not eat into its limit.
+        km = _warm_kernel(config, files, abort)
     slot = _acquire_slot(runs_root / SLOTS_DIR, workers, abort, max_delay=0.01)
     os.close(standby)  # the next queued run may warm its kernel while this one executes
     if slot is None or not files.mark_running():
