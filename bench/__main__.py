@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from bench.common import Report, table
 
+GOAL_KEYS = ("bench", "what", "ours", "baseline", "ratio", "goal", "verdict")
 ORDER = ["startup", "scale", "clone", "single", "throughput", "repo-size", "wide"]
 
 
@@ -53,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - began:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"cpus": os.cpu_count(), "results": raw}, handle, indent=1, default=str)
+            goals = [dict(zip(GOAL_KEYS, g.row(), strict=True)) for g in report.goals]
+            document = {
+                "cpus": os.cpu_count(),
+                "seconds": round(time.perf_counter() - began),
+                "goals": goals,
+                "notes": report.notes,
+                "results": raw,
+            }
+            json.dump(document, handle, indent=1, default=str)
     return 0
 
 

@@ -127,7 +127,6 @@ def _run(url: str, count: int, folder: Path, env: dict[str, str]) -> tuple[float
                 "repository": {"url": url, "ref": "main"},
                 "notebooks": notebooks,
                 "compute": {"backend": "local"},
-                "maxParallel": count,
             }
         )
     )

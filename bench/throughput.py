@@ -126,8 +126,8 @@ def run_throughput(
     notebooks: int = 8,
     sleep: float = 1.0,
     rounds: int = 9,
-    loop_rounds: int = 2,
-    single_worker_rounds: int = 3,
+    loop_rounds: int = 1,
+    single_worker_rounds: int = 2,
 ):
     root = Path(tempfile.mkdtemp(prefix="nbops-bench-tp-"))
     try:

@@ -8,7 +8,8 @@ Layout of a run folder `<runs root>/<run key>/`:
                  overwrite each other's verdict
 - `runner.json`  pid of the detached runner (its presence marks a completed submit)
 - `kernel.json`  pid and start time of the kernel, so the kernel's process group can be killed
-- `work/`        the isolated copy of the checkout; `output/` the executed notebook; `runner.log`
+- `work/`        the isolated view of the checkout (staging.py); `output/` the executed notebook;
+                 `runner.log`
 
 Standard library plus psutil (a dependency of ipykernel, so present wherever notebooks run locally).
 """
