@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ from typing import Any
 from . import events as ev
 from .app import AppIndex, AppIndexError, FunctionInfo, load_app
 from .clock import Clock, make_clock
-from .episode import EpisodeResult, run_episode
+from .episode import EpisodeResult, instance_id_problem, run_episode
 from .eventgrid import DeliveryError, check_event
 from .invoke import (
     FunctionError,
@@ -40,7 +39,6 @@ log = logging.getLogger("devhost")
 
 TERMINAL = {"Completed", "Failed", "Terminated", "Canceled"}
 RUNNING = {"Pending", "Running", "ContinuedAsNew", "Suspended"}
-_BAD_ID = re.compile(r"[/\\#?\x00-\x1f\x7f]")
 
 
 class HostError(Exception):
@@ -52,14 +50,9 @@ class HostError(Exception):
 
 
 def validate_instance_id(instance_id: str) -> None:
-    if not instance_id or instance_id.startswith("@") or _BAD_ID.search(instance_id):
-        raise HostError(
-            400,
-            f"Instance ID '{instance_id!r}' is invalid: it must be non-empty, must not start with "
-            "'@' and must not contain '/', '\\', '#', '?' or control characters.",
-        )
-    if len(instance_id) > 256:
-        raise HostError(400, "Instance ID is longer than 256 characters.")
+    problem = instance_id_problem(instance_id)
+    if problem:
+        raise HostError(400, problem)
 
 
 def _ts(value: float) -> datetime:
@@ -311,6 +304,8 @@ class Engine:
                     for w in res.work
                 ],
             )
+            for child in res.children if res.status != "Failed" else ():
+                self._start_child(db, inst, child, now)
             custom = json.dumps(res.custom_status) if res.custom_status_set else inst.custom_status
             status = res.status
             output = inst.output
@@ -321,6 +316,9 @@ class Engine:
             if status in TERMINAL:
                 db.execute("DELETE FROM inbox WHERE instance_id=?", (inst.instance_id,))
                 db.execute("DELETE FROM work WHERE instance_id=?", (inst.instance_id,))
+                _tell_parent(
+                    db, inst, status, output if status == "Completed" else res.failure, now
+                )
             if status == "ContinuedAsNew":
                 execution_id = uuid.uuid4().hex
                 generation = inst.generation + 1
@@ -375,6 +373,47 @@ class Engine:
         if res.failure:
             log.warning("devhost: instance %s failed: %s", inst.instance_id, res.failure)
         self._changed_notify()
+
+    def _start_child(self, db: Any, parent: Instance, child: Any, now: datetime) -> None:
+        """Create a sub-orchestration in the parent's commit; an id that is running already
+        fails the parent's task instead (the running instance is left alone)."""
+        row = db.execute(
+            "SELECT runtime_status FROM instances WHERE instance_id=?", (child.instance_id,)
+        ).fetchone()
+        if row is not None and row[0] not in TERMINAL:
+            failed = ev.sub_orchestration_failed(
+                now,
+                child.task_id,
+                f"An Orchestration instance with the status {row[0]} already exists "
+                f"(instance '{child.instance_id}').",
+                None,
+            )
+            db.execute(
+                "INSERT INTO inbox (instance_id, execution_id, visible_at, kind, event) "
+                "VALUES (?, ?, ?, 'completion', ?)",
+                (parent.instance_id, parent.execution_id, now.timestamp(), json.dumps(failed)),
+            )
+            return
+        if row is not None:
+            _purge(db, child.instance_id)
+        self._history.pop(child.instance_id, None)
+        start = ev.execution_started(
+            now,
+            name=child.name,
+            instance_id=child.instance_id,
+            execution_id=uuid.uuid4().hex,
+            input_text=child.input,
+            parent_instance_id=parent.instance_id,
+            generation=0,
+            version=child.version,
+        )
+        _insert_instance(
+            db,
+            start,
+            now,
+            child.version,
+            parent=(parent.instance_id, parent.execution_id, child.task_id),
+        )
 
     def _run_work(self, work: Any) -> None:
         try:
@@ -481,24 +520,7 @@ class Engine:
                         f"(instance '{instance_id}').",
                     )
                 _purge(db, instance_id)
-            db.execute(
-                "INSERT INTO instances (instance_id, name, execution_id, runtime_status, input, "
-                "created_time, last_updated_time, version) VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?)",
-                (
-                    instance_id,
-                    info.name,
-                    execution_id,
-                    input_text,
-                    now.timestamp(),
-                    now.timestamp(),
-                    version,
-                ),
-            )
-            db.execute(
-                "INSERT INTO inbox (instance_id, execution_id, visible_at, kind, event) "
-                "VALUES (?, ?, ?, 'start', ?)",
-                (instance_id, execution_id, now.timestamp(), json.dumps(start)),
-            )
+            _insert_instance(db, start, now, version)
         self._history.pop(instance_id, None)
         self._notify()
         self._changed_notify()
@@ -537,7 +559,10 @@ class Engine:
             )
             db.execute("DELETE FROM inbox WHERE instance_id=?", (instance_id,))
             db.execute("DELETE FROM work WHERE instance_id=?", (instance_id,))
+            child = self.store.get_instance(instance_id)
+            _tell_parent(db, child, "Terminated", reason, now)
         self._history.pop(instance_id, None)
+        self._notify()
         self._changed_notify()
 
     def purge(self, instance_id: str) -> int:
@@ -730,6 +755,61 @@ class Engine:
         return call(info, self._kwargs(info, request), str(self.app_dir))
 
 
+def _insert_instance(
+    db: Any,
+    start: dict[str, Any],
+    now: datetime,
+    version: str | None,
+    parent: tuple[str, str, int] | None = None,
+) -> None:
+    """A new Pending instance and its start message; `parent` is (instance, execution, task)."""
+    ids = start["OrchestrationInstance"]
+    parent_id, parent_execution, parent_task = parent or (None, None, None)
+    db.execute(
+        "INSERT INTO instances (instance_id, name, execution_id, runtime_status, input, "
+        "created_time, last_updated_time, version, parent_instance_id, parent_execution_id, "
+        "parent_task_id) VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?)",
+        (
+            ids["InstanceId"],
+            start["Name"],
+            ids["ExecutionId"],
+            start["Input"],
+            now.timestamp(),
+            now.timestamp(),
+            version,
+            parent_id,
+            parent_execution,
+            parent_task,
+        ),
+    )
+    db.execute(
+        "INSERT INTO inbox (instance_id, execution_id, visible_at, kind, event) "
+        "VALUES (?, ?, ?, 'start', ?)",
+        (ids["InstanceId"], ids["ExecutionId"], now.timestamp(), json.dumps(start)),
+    )
+
+
+def _tell_parent(db: Any, child: Instance | None, status: str, result: Any, now: datetime) -> None:
+    """A finished sub-orchestration completes its parent's task, as DTFx sends it: Completed
+    with the output's JSON text, anything else (Failed, Terminated) as a failure."""
+    if child is None or child.parent_instance_id is None or child.parent_task_id is None:
+        return
+    if status == "Completed":
+        event = ev.sub_orchestration_completed(now, child.parent_task_id, result)
+    else:
+        reason = (
+            result
+            if status == "Failed"
+            else f"Sub-orchestration '{child.instance_id}' was terminated: {result}"
+        )
+        event = ev.sub_orchestration_failed(now, child.parent_task_id, reason, None)
+    db.execute(
+        "INSERT INTO inbox (instance_id, execution_id, visible_at, kind, event) "
+        "VALUES (?, ?, ?, 'completion', ?)",
+        (child.parent_instance_id, child.parent_execution_id, now.timestamp(), json.dumps(event)),
+    )
+
+
 def _require_live(db: Any, instance_id: str, why: str) -> None:
     """404 for an unknown instance, 410 for a finished one, as the durable HTTP API answers."""
     row = db.execute(
@@ -751,7 +831,18 @@ def _purge(db: Any, instance_id: str) -> int:
 _STATUS_NAMES = {code: name for name, code in ev.STATUS_CODES.items()}
 # Scheduling events the status API folds into their completions (FunctionName, ScheduledTime),
 # and the episode markers it leaves out, as the Durable extension's status API does.
-_FOLDED = {ev.ORCHESTRATOR_STARTED, ev.ORCHESTRATOR_COMPLETED, ev.TASK_SCHEDULED}
+_FOLDED = {
+    ev.ORCHESTRATOR_STARTED,
+    ev.ORCHESTRATOR_COMPLETED,
+    ev.TASK_SCHEDULED,
+    ev.SUB_ORCHESTRATION_CREATED,
+}
+_COMPLETIONS = {
+    ev.TASK_COMPLETED,
+    ev.TASK_FAILED,
+    ev.SUB_ORCHESTRATION_COMPLETED,
+    ev.SUB_ORCHESTRATION_FAILED,
+}
 
 
 def _json_value(text: Any) -> Any:
@@ -769,7 +860,11 @@ def _history_view(history: list[dict[str, Any]], with_output: bool) -> list[dict
     """historyEvents as the durable status API documents them: event names, FunctionName and
     ScheduledTime on completions, Result as a value (with showHistoryOutput), and
     OrchestrationStatus by name on ExecutionCompleted."""
-    scheduled = {e["EventId"]: e for e in history if e["EventType"] == ev.TASK_SCHEDULED}
+    scheduled = {
+        e["EventId"]: e
+        for e in history
+        if e["EventType"] in (ev.TASK_SCHEDULED, ev.SUB_ORCHESTRATION_CREATED)
+    }
     view = []
     for event in history:
         kind = event["EventType"]
@@ -780,11 +875,13 @@ def _history_view(history: list[dict[str, Any]], with_output: bool) -> list[dict
             item["FunctionName"] = event.get("Name")
             if event.get("Version"):
                 item["Version"] = event["Version"]
-        elif kind in (ev.TASK_COMPLETED, ev.TASK_FAILED):
+        elif kind in _COMPLETIONS:
             origin = scheduled.get(event.get("TaskScheduledId"), {})
             item["FunctionName"] = origin.get("Name")
             item["ScheduledTime"] = origin.get("Timestamp")
-            if kind == ev.TASK_FAILED:
+            if "InstanceId" in origin:
+                item["InstanceId"] = origin["InstanceId"]
+            if kind in (ev.TASK_FAILED, ev.SUB_ORCHESTRATION_FAILED):
                 item["Reason"] = event.get("Reason")
                 item["Details"] = event.get("Details")
         elif kind == ev.EXECUTION_COMPLETED:
@@ -801,7 +898,12 @@ def _history_view(history: list[dict[str, Any]], with_output: bool) -> list[dict
                 item["Input"] = _json_value(event.get("Input"))
         elif kind == ev.EXECUTION_TERMINATED:
             item["Input"] = event.get("Input")
-        if with_output and kind in (ev.TASK_COMPLETED, ev.EXECUTION_COMPLETED, ev.CONTINUE_AS_NEW):
+        if with_output and kind in (
+            ev.TASK_COMPLETED,
+            ev.SUB_ORCHESTRATION_COMPLETED,
+            ev.EXECUTION_COMPLETED,
+            ev.CONTINUE_AS_NEW,
+        ):
             item["Result"] = _json_value(event.get("Result"))
         item["Timestamp"] = event["Timestamp"]
         view.append(item)

@@ -15,6 +15,7 @@ After each episode the replayed actions are compared with what was scheduled bef
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,14 +35,32 @@ WHEN_ANY, WHEN_ALL = 11, 12
 
 ID_CONSUMING = {0, 1, 2, 3, 4, 5, 7, 8, 9}
 UNSUPPORTED = {
-    CALL_SUB_ORCHESTRATOR: "sub-orchestrations",
-    CALL_SUB_ORCHESTRATOR_WITH_RETRY: "sub-orchestrations",
+    CALL_SUB_ORCHESTRATOR_WITH_RETRY: "sub-orchestrations with retry",
     CALL_ENTITY: "entities",
     SIGNAL_ENTITY: "entities",
     CALL_HTTP: "call_http",
 }
 # What a scheduled id is, for the non-determinism check: activity, timer, or other.
-KIND_OF_ACTION = {0: "activity", 1: "activity", 5: "timer", 4: "continueAsNew"}
+KIND_OF_ACTION = {
+    0: "activity",
+    1: "activity",
+    2: "subOrchestration",
+    5: "timer",
+    4: "continueAsNew",
+}
+_BAD_ID = re.compile(r"[/\\#?\x00-\x1f\x7f]")
+
+
+def instance_id_problem(instance_id: str) -> str | None:
+    """Why an instance id is refused (as the durable extension refuses it), or None."""
+    if not instance_id or instance_id.startswith("@") or _BAD_ID.search(instance_id):
+        return (
+            f"Instance ID '{instance_id!r}' is invalid: it must be non-empty, must not start "
+            "with '@' and must not contain '/', '\\', '#', '?' or control characters."
+        )
+    if len(instance_id) > 256:
+        return "Instance ID is longer than 256 characters."
+    return None
 
 
 @dataclass
@@ -62,10 +81,23 @@ class QueuedMessage:
 
 
 @dataclass
+class ChildStart:
+    """A sub-orchestration the episode started: the host creates the instance with the
+    episode's commit, and reports its end to the parent's task."""
+
+    name: str
+    instance_id: str
+    input: str | None
+    version: str | None
+    task_id: int
+
+
+@dataclass
 class EpisodeResult:
     history: list[tuple[dict[str, Any], bool]] = field(default_factory=list)  # (event, hidden)
     messages: list[QueuedMessage] = field(default_factory=list)
     work: list[WorkItem] = field(default_factory=list)
+    children: list[ChildStart] = field(default_factory=list)
     canceled_timers: list[int] = field(default_factory=list)
     next_id: int = 0
     scheduled: list[list[Any]] = field(default_factory=list)
@@ -195,7 +227,7 @@ def run_episode(
 
     if error is None:
         for action in consuming[len(result.scheduled) :]:
-            problem = _schedule(action, app, now, result, new)
+            problem = _schedule(action, app, now, result, new, instance)
             if problem:
                 error = problem
                 break
@@ -248,6 +280,7 @@ def _schedule(
     now: datetime,
     result: EpisodeResult,
     new: list[tuple[dict[str, Any], bool]],
+    instance: Instance,
 ) -> str | None:
     kind = action.get("actionType")
     if kind in UNSUPPORTED:
@@ -279,6 +312,42 @@ def _schedule(
             WorkItem(name=target.name, input=input_text, task_id=task_id, retry=retry)
         )
         result.scheduled.append([task_id, "activity", target.name])
+    elif kind == CALL_SUB_ORCHESTRATOR:
+        name = action.get("functionName", "")
+        target = app.get(name)
+        if target is None or target.trigger_type != "orchestrationTrigger":
+            return (
+                f"The function '{name}' doesn't exist, is disabled, or is not an orchestrator "
+                "function."
+            )
+        # DTFx names a child without an id after the parent's execution and the task id.
+        child_id = action.get("instanceId") or f"{instance.execution_id}:{task_id}"
+        problem = instance_id_problem(child_id)
+        if problem:
+            return f"sub-orchestration '{target.name}': {problem}"
+        if child_id == instance.instance_id:
+            return f"sub-orchestration '{target.name}': its instance ID is the parent's own"
+        # An explicit version wins; else the child gets defaultVersion, as a new instance does.
+        version = action.get("version") or app.default_version
+        input_text = action.get("input")
+        new.append(
+            (
+                ev.sub_orchestration_created(
+                    now, task_id, target.name, child_id, input_text, version
+                ),
+                False,
+            )
+        )
+        result.children.append(
+            ChildStart(
+                name=target.name,
+                instance_id=child_id,
+                input=input_text,
+                version=version,
+                task_id=task_id,
+            )
+        )
+        result.scheduled.append([task_id, "subOrchestration", target.name])
     elif kind == CREATE_TIMER:
         fire_at = ev.parse_iso(action["fireAt"])
         new.append((ev.timer_created(now, task_id, fire_at), False))

@@ -16,6 +16,9 @@ EXECUTION_TERMINATED = 3
 TASK_SCHEDULED = 4
 TASK_COMPLETED = 5
 TASK_FAILED = 6
+SUB_ORCHESTRATION_CREATED = 7
+SUB_ORCHESTRATION_COMPLETED = 8
+SUB_ORCHESTRATION_FAILED = 9
 TIMER_CREATED = 10
 TIMER_FIRED = 11
 ORCHESTRATOR_STARTED = 12
@@ -153,6 +156,42 @@ def task_completed(ts: datetime, task_id: int, result: str | None) -> dict[str, 
 def task_failed(ts: datetime, task_id: int, reason: str, details: str | None) -> dict[str, Any]:
     return _event(
         TASK_FAILED,
+        ts,
+        TaskScheduledId=task_id,
+        Reason=reason,
+        Details=details,
+        FailureDetails=None,
+    )
+
+
+def sub_orchestration_created(
+    ts: datetime,
+    task_id: int,
+    name: str,
+    instance_id: str,
+    input_text: str | None,
+    version: str | None,
+) -> dict[str, Any]:
+    return _event(
+        SUB_ORCHESTRATION_CREATED,
+        ts,
+        task_id,
+        Name=name,
+        Version=version or "",
+        InstanceId=instance_id,
+        Input=input_text,
+    )
+
+
+def sub_orchestration_completed(ts: datetime, task_id: int, result: str | None) -> dict[str, Any]:
+    return _event(SUB_ORCHESTRATION_COMPLETED, ts, TaskScheduledId=task_id, Result=result)
+
+
+def sub_orchestration_failed(
+    ts: datetime, task_id: int, reason: str | None, details: str | None
+) -> dict[str, Any]:
+    return _event(
+        SUB_ORCHESTRATION_FAILED,
         ts,
         TaskScheduledId=task_id,
         Reason=reason,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: instances.version (orchestration versions)
+FORMAT_VERSION = 3  # 2: instances.version; 3: the parent's execution and task id of a child
 APPLICATION_ID = 0x44564853  # "DVHS": marks the file as ours before we trust its tables
 
 SCHEMA = """
@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS instances (
     generation INTEGER NOT NULL DEFAULT 0,
     next_id INTEGER NOT NULL DEFAULT 0,
     scheduled TEXT NOT NULL DEFAULT '[]',
-    version TEXT
+    version TEXT,
+    parent_execution_id TEXT,
+    parent_task_id INTEGER
 );
 CREATE TABLE IF NOT EXISTS history (
     instance_id TEXT NOT NULL,
@@ -89,6 +91,8 @@ class Instance:
     next_id: int
     scheduled: list[list[Any]]
     version: str | None = None
+    parent_execution_id: str | None = None
+    parent_task_id: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Instance:
@@ -180,6 +184,9 @@ class Store:
         with self.transaction() as db:
             if version < 2:
                 db.execute("ALTER TABLE instances ADD COLUMN version TEXT")
+            if version < 3:
+                db.execute("ALTER TABLE instances ADD COLUMN parent_execution_id TEXT")
+                db.execute("ALTER TABLE instances ADD COLUMN parent_task_id INTEGER")
             db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?)",
                 (str(FORMAT_VERSION),),
