@@ -5,8 +5,12 @@ tests/test_verdicts_corpus.py; these are the rules around it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 
+import nbformat
 import pytest
 
 from notebookops import policy
@@ -123,3 +127,75 @@ def test_multi_line_error_values_are_one_line_in_the_table_and_junit_message():
     failure = ET.fromstring(junit_xml(summary)).find(".//failure")
     assert failure.get("message") == "ValueError: first line of the problem … (cell 2)"
     assert summary["notebooks"][0]["error"]["evalue"] == MULTI  # the full text stays
+
+
+# -- the local backend refuses an environment it does not have, per notebook, before queueing
+
+
+@pytest.fixture
+def local(tmp_path, monkeypatch):
+    from notebookops.compute.local import LocalBackend
+    from notebookops.compute.local_state import RunFiles
+
+    monkeypatch.setenv("NOTEBOOKOPS_ALLOW_LOCAL_BACKEND", "1")
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, checkout / "a.ipynb")
+    backend = LocalBackend(runs_dir=tmp_path / "runs", workers=1)
+    yield backend, checkout
+    for run_dir in (tmp_path / "runs").glob("nb-*"):
+        RunFiles(run_dir).kill_kernel_group()
+        RunFiles(run_dir).kill_runner_group()
+
+
+def _verdict(backend, checkout, compute):
+    from notebookops.compute.base import RunSpec, run_key
+
+    spec = RunSpec(
+        run_key=run_key("i", f"a.ipynb-{sorted(compute.items())}"),
+        instance_id="i",
+        notebook="a.ipynb",
+        checkout=str(checkout),
+        commit="0" * 40,
+        compute={"backend": "local", **compute},
+    )
+    handle = backend.submit(spec)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = backend.status(handle)
+        if status.terminal:
+            return status
+        time.sleep(0.05)
+    raise AssertionError("the run did not end")
+
+
+@pytest.mark.slow
+def test_missing_kernels_and_unusable_environments_fail_that_notebook_with_how_to_fix(
+    local, tmp_path
+):
+    backend, checkout = local
+    missing = _verdict(backend, checkout, {"kernel": "julia-1.9"})
+    assert (missing.state, missing.error.ename, missing.error.cell_index) == (
+        "failed",
+        "NoSuchKernel",
+        None,
+    )
+    assert "No such kernel named 'julia-1.9' (compute.kernel)" in missing.message
+    assert "installed kernels: python3" in missing.message
+    assert missing.started_at is None  # it never held a worker
+
+    nowhere = _verdict(backend, checkout, {"python": str(tmp_path / "no-such-env")})
+    assert "is not a Python executable or a virtual environment folder" in nowhere.message
+
+    bare = tmp_path / "bare-env"  # a venv without ipykernel
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    without = _verdict(backend, checkout, {"python": str(bare)})
+    assert without.error.ename == "NoSuchKernel"
+    assert "ipykernel is not installed there" in without.message
+    assert f"{bare}/bin/python -m pip install ipykernel" in without.message
