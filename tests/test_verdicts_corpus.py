@@ -115,7 +115,7 @@ FILES: dict[str, str] = {
     ),
     "kernels/string-kernelspec.ipynb": _nb(_code("print(1)"), kernelspec="python3"),
     "formats/v3.ipynb": _v3("a = 1", "print(a)", "a.missing_attribute"),
-    "kernels/no-kernelspec.ipynb": _nb(_code("print('no kernelspec')"), kernelspec=None),
+    "kernels/no-kernelspec.ipynb": _nb(_code("print('no kernelspec', x)"), kernelspec=None),
     "formats/broken.ipynb": '{"cells": [{"cell_type": "code",',
     "env/needs-package.ipynb": _nb(
         _code("import nbops_corpus_only\nprint(nbops_corpus_only.VALUE)")
@@ -179,12 +179,16 @@ def other_env(tmp_path_factory) -> Path:
 
 def _message(repo: Path, env: Path) -> dict[str, Any]:
     notebooks: list[Any] = sorted(
-        p for p in FILES if not p.startswith(("loop/", "env/needs-package.", "markers/"))
+        p
+        for p in FILES
+        if not p.startswith(("loop/", "env/needs-package.", "markers/", "kernels/no-"))
     )
     notebooks += [
         {"path": "loop/forever.ipynb", "timeoutMinutes": LOOP_SECONDS / 60},
         {"path": "markers/saved-failure.ipynb", "parameters": {"divisor": 1}},
         {"path": "env/needs-package.ipynb", "python": str(env)},
+        # No kernelspec, no language: the parameters are still written in the kernel's.
+        {"path": "kernels/no-kernelspec.ipynb", "parameters": {"x": 1}},
         MISSING,
     ]
     for index, entry in enumerate(notebooks):
@@ -327,6 +331,8 @@ def _papermill_all(repo: Path, other_env: Path, out: Path) -> dict[str, dict[str
                 options["execution_timeout"] = LOOP_SECONDS
             if rel == "markers/saved-failure.ipynb":
                 options["parameters"] = {"divisor": 1}
+            if rel == "kernels/no-kernelspec.ipynb":
+                options["parameters"] = {"x": 1}
             if rel == "env/needs-package.ipynb":
                 options["kernel_name"] = "corpus-env"
             if rel == "formats/v3.ipynb":

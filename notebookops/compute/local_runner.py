@@ -245,7 +245,8 @@ def _select_kernel(config: dict[str, Any], files: RunFiles) -> None:
         # is what such notebooks are in practice.
         config["kernelName"], config["language"] = "python3", "python"
         return
-    installed = sorted(KernelSpecManager().find_kernel_specs())
+    specs = KernelSpecManager()
+    installed = sorted(specs.find_kernel_specs())
     if name not in installed:
         whose = "compute.kernel" if config.get("kernel") else "the notebook's kernelspec"
         raise KernelProblem(
@@ -253,6 +254,10 @@ def _select_kernel(config: dict[str, Any], files: RunFiles) -> None:
             f"{', '.join(installed) or 'none'}. Install that kernel here, or {KERNEL_HINT}"
         )
     config["kernelName"] = str(name)
+    # The kernel's language, not the notebook's (which may say nothing): papermill writes the
+    # injected parameters in it.
+    with contextlib.suppress(Exception):
+        config["language"] = specs.get_kernel_spec(str(name)).language or None
 
 
 def _kernel_name(config: dict[str, Any], notebook: Path) -> str:
