@@ -37,7 +37,7 @@ from notebookops.compute.base import (
 )
 from notebookops.compute.local_state import RUNNER_MODULE, RunFiles, flocked, write_json_atomic
 from notebookops.compute.staging import resolve_source, stage_view
-from notebookops.notebook_errors import error_from_file
+from notebookops.notebook_errors import error_from_file, load_notebook_json
 
 ALLOW_ENV = "NOTEBOOKOPS_ALLOW_LOCAL_BACKEND"
 RUNS_DIR_ENV = "NOTEBOOKOPS_LOCAL_RUNS_DIR"
@@ -212,7 +212,9 @@ class LocalBackend:
         if state.get("state") not in TERMINAL_STATES and not files.runner_alive():
             pid = files.runner_pid()
             output = files.output_path(handle.data.get("notebook", ""))
-            error = error_from_file(output) if output.is_file() else None
+            # Numbered like the runner numbers cells: against the notebook as committed.
+            committed = load_notebook_json(files.work / handle.data.get("notebook", ""))
+            error = error_from_file(output, committed) if output.is_file() else None
             files.finalize(
                 FAILED,
                 f"local runner (pid {pid}) exited without reporting a result; it was killed "
