@@ -9,7 +9,8 @@ read from the notebook's own metadata so a test states its scenario in the repos
 `queuedPolls` keeps the run `queued` for that many status polls before it starts (a busy
 cluster scaling up; -1: it never starts), `polls` then counts the polls it runs for (-1:
 it never finishes by itself). `transient` makes that many status calls raise ConnectionError
-first (a flaky service), `throttle` that many submits fail as a 429 would (-1: all of them).
+first (a flaky service), `throttle` that many submits fail as a 429 would (-1: all of them),
+with `echo` quoted in the error as a request header.
 Runs live in a class-level table, so a "restarted" backend object still finds them.
 """
 
@@ -57,9 +58,11 @@ class FakeBackend:
             throttled = self.throttled.get(spec.run_key, 0)
             if scenario.get("throttle") == -1 or throttled < int(scenario.get("throttle", 0)):
                 self.throttled[spec.run_key] = throttled + 1
-                # What azure-core raises for a 429: the status line, then the service's body.
+                # What azure-core raises for a 429: the status line, then the service's body;
+                # `echo` makes the service quote a request header in it, as some gateways do.
+                echo = f" (request header: {scenario['echo']})" if scenario.get("echo") else ""
                 raise RuntimeError(
-                    "(TooManyRequests) Too many job submissions, retry after 60 s\n"
+                    f"(TooManyRequests) Too many job submissions, retry after 60 s{echo}\n"
                     'Code: TooManyRequests\nMessage: {"error": {"code": "TooManyRequests"}}'
                 )
             self.submits.append(spec.run_key)

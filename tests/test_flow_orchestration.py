@@ -277,6 +277,26 @@ def test_a_submit_out_of_retries_fails_that_notebook_only(flow_env):
     assert FakeBackend.attempts.count(b_key) == 3  # the activity's three attempts
 
 
+def test_a_submit_error_quoting_the_pipeline_token_is_redacted_everywhere(flow_env, devops):
+    """A throttling gateway that quotes the Authorization header in its 429: the notebook's
+    one-line error reaches the summary, the durable status and history without the token."""
+    token = devops.properties()["AuthToken"]
+    repo = make_repo(
+        flow_env / "rs",
+        {"nb/echo.ipynb": fake_notebook(throttle=-1, echo=f"Authorization: Basic {token}")},
+    )
+    body = message(repo, ["nb/echo.ipynb"], compute={"backend": "fake"})
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        status = host.wait_for(instance, 60)
+        full = host.get_status(instance, show_history=True, show_history_output=True)
+    (nb,) = status["output"]["notebooks"]
+    assert nb["state"] == "failed"
+    assert nb["message"].startswith("submit failed after its retries: RuntimeError: (TooMany")
+    assert "Authorization: Basic ***" in nb["message"]
+    assert token not in json.dumps(full)
+
+
 def test_an_orchestration_error_cancels_every_job_already_created(flow_env, monkeypatch):
     """Status reads fail for good (the status endpoint is down) while cancel still works: the
     run ends failed with the error, and the jobs it created do not keep running unwatched."""
