@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format check bench serve clean browser
+.PHONY: demo test test-fast lint format check bench serve demo-submit clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -45,8 +45,13 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# On this machine only (127.0.0.1), so the demo's local repository is allowed.
 serve: $(STAMP)
-	$(PY) -m notebookops serve
+	$(PY) -m notebookops serve --allow-local-repos
+
+# With `make serve` running: start the demo's run there and print its status page.
+demo-submit: $(STAMP)
+	$(PY) -m notebookops submit examples/messages/local.json
 
 clean:
 	rm -rf out .devhost .pytest_cache .ruff_cache

@@ -191,7 +191,18 @@ def add_serve_command(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_serve)
 
 
-COMMANDS: list[CommandAdder] = [add_validate_command, add_run_command, add_serve_command]
+def add_submit_command(subparsers: Subparsers) -> None:
+    from notebookops.submit import add_submit_command as add
+
+    add(subparsers)
+
+
+COMMANDS: list[CommandAdder] = [
+    add_validate_command,
+    add_run_command,
+    add_serve_command,
+    add_submit_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -448,6 +448,7 @@ def _progress(notebook: dict[str, Any]) -> dict[str, Any]:
     entry = {
         "path": notebook["path"],
         "state": notebook["state"],
+        "allowFailure": notebook["allowFailure"],
         "portalUrl": notebook["portalUrl"],
     }
     if notebook.get("durationSeconds") is not None:

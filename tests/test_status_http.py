@@ -190,3 +190,25 @@ def test_function_key_is_carried_only_to_this_apps_links(served):
         "https://fake/" + "nb-" in page
         and "?code=k3y" not in page.split('href="https://fake/')[1].split('"')[0]
     )
+
+
+def test_submit_prints_the_status_page_of_the_run_it_started(served, capsys):
+    from notebookops.cli import main
+
+    host, _, _, root = served
+    body = root / "message.json"
+    repo = root / "repo"
+    body.write_text(json.dumps(message(repo, ["nb/a.ipynb"], compute={"backend": "fake"})))
+    assert main(["submit", str(body), "--url", host.base_url]) == 0
+    printed = capsys.readouterr().out
+    page = next(line.split(": ", 1)[1] for line in printed.splitlines() if "status page" in line)
+    assert page.startswith(f"{host.base_url}/api/runs/")
+    assert host.wait_for(page.rsplit("/", 1)[1], 60)["runtimeStatus"] == "Completed"
+    code, answer, _ = get(host.base_url, urlsplit(page).path)
+    assert code == 200 and json.loads(answer)["notebooks"][0]["path"] == "nb/a.ipynb"
+
+    body.write_text(json.dumps({"repository": {"url": str(repo)}, "notebooks": ["/abs.ipynb"]}))
+    assert main(["submit", str(body), "--url", host.base_url]) == 2
+    assert "notebooks[0]" in capsys.readouterr().err
+    assert main(["submit", str(body), "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach" in capsys.readouterr().out
