@@ -147,6 +147,9 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
         # in the summary, so it is redacted here, where the secrets are known.
         raise TransientError.of(exc) from None
     log.info("submit: %s -> %s", payload["path"], handle.run_id)
+    from notebookops.render import prewarm
+
+    prewarm()  # the monitor renders finished notebooks; get nbconvert ready meanwhile
     _tell(_devops(payload), [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"])
     return {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
 

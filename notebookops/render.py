@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +77,52 @@ def annotate(nb: dict[str, Any], path: str, state: str | None) -> dict[str, Any]
     return nb
 
 
+@lru_cache(maxsize=1)
+def _exporter() -> Any:
+    """One exporter per process: its template environment and inlined CSS are built once."""
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(
+        template_name=TEMPLATE_NAME,
+        extra_template_basedirs=[str(TEMPLATES)],
+        embed_images=True,
+    )
+
+
+_lock = threading.Lock()
+_warming: list[threading.Thread] = []
+
+
+def prewarm() -> None:
+    """Import nbconvert and build the exporter in the background, once per process, so the
+    first finished notebook is not kept waiting for it (submit calls this; the notebooks
+    run meanwhile)."""
+    with _lock:
+        if _warming:
+            return
+        thread = threading.Thread(target=_warm, name="render-prewarm", daemon=True)
+        _warming.append(thread)
+    thread.start()
+
+
+def _warm() -> None:
+    try:
+        with _lock:
+            _exporter()
+    except Exception as exc:  # rendering stays best effort; the first render says why
+        log.warning("nbconvert exporter not prepared: %s", exc)
+
+
 def render_html(nb: dict[str, Any], path: str, state: str | None = None) -> str:
     """The HTML page of one executed notebook (a JSON dict as nbformat 4 stores it)."""
     import json
 
     import nbformat
-    from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(
-        template_name=TEMPLATE_NAME,
-        extra_template_basedirs=[str(TEMPLATES)],
-        embed_images=True,
-    )
     # reads() rejoins multi-line sources stored as lists, as nbconvert expects.
     node = nbformat.reads(json.dumps(annotate(nb, path, state)), as_version=4)
-    body, _ = exporter.from_notebook_node(node, resources={"metadata": {"name": path}})
+    with _lock:  # one exporter, and activities run on a thread pool
+        body, _ = _exporter().from_notebook_node(node, resources={"metadata": {"name": path}})
     # The notebook's own text is shown as is, but a secret this process knows never is.
     return redact.redact_known(body)
 
