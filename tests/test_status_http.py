@@ -59,6 +59,7 @@ def _no_server_secrets(text: str, root) -> None:
     assert TOKEN not in text
     assert str(root) not in text and "file://" not in text
     assert os.environ["NOTEBOOKOPS_SECRET_KEY"] not in text
+    assert "gAAAAA" not in text  # a Fernet token: the sealed pipeline token never shows
 
 
 def test_json_for_programs_and_html_for_browsers(served):
