@@ -195,7 +195,7 @@ def _message(repo: Path, env: Path) -> dict[str, Any]:
         if isinstance(entry, str) and entry.startswith("queue/"):
             # Each runs in 2 s; queued behind the others with the default maxParallel, they
             # must not be timed out by the time they waited.
-            notebooks[index] = {"path": entry, "timeoutMinutes": 0.05}
+            notebooks[index] = {"path": entry, "timeoutMinutes": 0.1}
     return {
         "repository": {"url": file_url(repo), "ref": "main"},
         "notebooks": notebooks,
@@ -265,11 +265,25 @@ def _committed_index(path: Path, source: str) -> int | None:
 
 
 def _papermill(repo: Path, rel: str, out: Path, **options: Any) -> dict[str, Any]:
-    """papermill's verdict on one notebook, in this process (sequentially: cwd is a chdir)."""
+    """papermill's verdict on one notebook, in this process (sequentially: cwd is a chdir).
+
+    A kernel that fails to start before any cell ran (a port race with the run going on
+    beside it) is started once more, as the local runner does: that is noise, not a verdict.
+    """
+    for attempt in (1, 2):
+        verdict, start_failure = _papermill_once(repo / rel, out, options)
+        if not start_failure or attempt == 2:
+            return verdict
+    raise AssertionError("unreachable")
+
+
+def _papermill_once(
+    source: Path, out: Path, options: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
     import papermill
     from papermill.exceptions import PapermillExecutionError
+    from zmq.error import ZMQBaseError
 
-    source = repo / rel
     started: list[str] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -282,20 +296,23 @@ def _papermill(repo: Path, rel: str, out: Path, **options: Any) -> dict[str, Any
             **options,
         )
     except PapermillExecutionError as exc:
-        return {
+        verdict = {
             "state": "failed",
             "cellIndex": _committed_index(source, exc.source),
             "ename": exc.ename,
         }
+        return verdict, False
     except Exception as exc:  # papermill lets everything else out as it is
         timed_out = isinstance(exc, TimeoutError)
         cell = _committed_index(source, started[-1]) if started and timed_out else None
-        return {
+        verdict = {
             "state": "timedOut" if timed_out else "failed",
             "cellIndex": cell,
             "ename": type(exc).__name__,
         }
-    return {"state": "succeeded", "cellIndex": None, "ename": None}
+        start_errors = (ZMQBaseError, RuntimeError, TimeoutError, ConnectionError)
+        return verdict, not started and isinstance(exc, start_errors)
+    return {"state": "succeeded", "cellIndex": None, "ename": None}, False
 
 
 def _papermill_all(repo: Path, other_env: Path, out: Path) -> dict[str, dict[str, Any]]:
