@@ -124,6 +124,9 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
         checkout = ensure_checkout(
             payload["repository"], payload["commit"], auth=_git_auth(payload["repository"], payload)
         )
+        warnings = _parameter_warnings(payload, Path(checkout))
+        if warnings and payload.get("strictParameters"):
+            return {"ok": False, "error": warnings[0], "ename": "UnknownParameter"}
         spec = RunSpec(
             run_key=run_key(payload["instanceId"], payload["path"]),
             instance_id=payload["instanceId"],
@@ -150,8 +153,39 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
     from notebookops.render import prewarm
 
     prewarm()  # the monitor renders finished notebooks; get nbconvert ready meanwhile
-    _tell(_devops(payload), [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"])
-    return {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
+    for warning in warnings:
+        log.warning("submit: %s: %s", payload["path"], warning)
+    lines = [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"]
+    _tell(_devops(payload), lines + [f"warning: {payload['path']}: {w}" for w in warnings])
+    answer = {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
+    return answer | ({"warnings": warnings} if warnings else {})
+
+
+def _parameter_warnings(payload: dict[str, Any], checkout: Path) -> list[str]:
+    """A parameter the notebook's parameters cell does not assign: papermill would inject it
+    and run on, so a misspelt name would pass silently."""
+    from notebookops.parameters import unknown_parameters
+
+    given = payload.get("parameters") or {}
+    if not given:
+        return []
+    try:
+        unknown = unknown_parameters(checkout / payload["path"], given)
+    except (OSError, ValueError) as exc:  # unreadable here: the backend reports it properly
+        log.info("submit: %s: parameters not checked: %s", payload["path"], exc)
+        return []
+    if not unknown:
+        return []
+    names = ", ".join(unknown)
+    return [
+        f"unknown parameter{'s' if len(unknown) > 1 else ''} {names}: not assigned in the "
+        "notebook's parameters cell"
+        + (
+            ""
+            if payload.get("strictParameters")
+            else " (strictParameters: true makes this an error)"
+        )
+    ]
 
 
 class TransientError(Exception):

@@ -200,6 +200,7 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
                     "parameters": policy.parameters_for(state, notebook),
                     "timeoutSeconds": policy.notebook_timeout_seconds(state, notebook),
                     "compute": policy.compute_for(state, notebook),
+                    "strictParameters": bool(request.get("strictParameters")),
                     **_callback(state),
                 },
             )

@@ -186,9 +186,11 @@ def mark_submitted(notebook: dict[str, Any], result: dict[str, Any], now: dateti
             "failed",
             now,
             message=one_line(result.get("error") or "submit failed"),
-            ename="SubmitFailed",
+            ename=result.get("ename") or "SubmitFailed",
         )
         return
+    if result.get("warnings"):
+        notebook["warnings"] = list(result["warnings"])
     handle = result["handle"]
     notebook.update(
         state="queued",
@@ -495,6 +497,7 @@ def summary(state: dict[str, Any], finished_at: datetime) -> dict[str, Any]:
                 "outputHtml": n.get("outputHtml"),
                 "executionSeconds": n.get("executionSeconds"),
                 "slowestCells": n.get("slowestCells") or [],
+                "warnings": n.get("warnings") or [],
             }
             for n in state["notebooks"]
         ],

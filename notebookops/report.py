@@ -58,6 +58,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines.insert(1, "-" * max(len(line) for line in lines))
     for error in summary.get("errors") or []:
         lines.append(f"error: {error}")
+    for notebook in summary["notebooks"]:
+        lines.extend(f"warning: {notebook['path']}: {w}" for w in notebook.get("warnings") or [])
     counts = summary["counts"]
     lines.append(
         f"result: {summary['result']}  ({counts['succeeded']}/{counts['total']} succeeded"

@@ -243,6 +243,9 @@ class RunRequest:
     timeout_minutes: float = 60
     fail_fast: bool = False
     max_parallel: int = 20
+    # A parameter the notebook's parameters cell does not assign fails that notebook
+    # (otherwise it is a warning in its result).
+    strict_parameters: bool = False
     callback: Callback | None = None
 
     __repr__ = _masked_repr
@@ -258,6 +261,8 @@ class RunRequest:
             "failFast": self.fail_fast,
             "maxParallel": self.max_parallel,
         }
+        if self.strict_parameters:
+            out["strictParameters"] = True
         if self.callback is not None:
             out["devops"] = self.callback.to_dict(mask_secrets=mask_secrets)
         return out
@@ -490,6 +495,7 @@ _TOP_KEYS = (
     "timeoutMinutes",
     "failFast",
     "maxParallel",
+    "strictParameters",
     "devops",
 )
 
@@ -565,6 +571,7 @@ def _parse_message(
     timeout = _optional(data, "timeoutMinutes", "", problems, _minutes, 60)
     fail_fast = _optional(data, "failFast", "", problems, _boolean, False)
     max_parallel = _optional(data, "maxParallel", "", problems, _max_parallel, 20)
+    strict_parameters = _optional(data, "strictParameters", "", problems, _boolean, False)
     _python_needs_local(compute, notebooks, problems)
     if problems.items:
         return None
@@ -578,6 +585,7 @@ def _parse_message(
         timeout_minutes=timeout,
         fail_fast=fail_fast,
         max_parallel=max_parallel,
+        strict_parameters=strict_parameters,
         callback=callback,
     )
 

@@ -243,3 +243,37 @@ def test_a_failed_clone_keeps_the_commit_and_the_notebooks_the_message_named(tmp
     assert [n["path"] for n in summary["notebooks"]] == ["a.ipynb", "missing.ipynb"]
     assert summary["counts"]["total"] == summary["counts"]["canceled"] == 2
     assert "missing.ipynb" in result.stdout and f"commit {commit[:12]}" in result.stdout
+
+
+@pytest.mark.slow
+def test_unknown_parameters_warn_and_fail_the_notebook_when_strict(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    repo = make_repo(
+        tmp_path / "repo",
+        {"p.ipynb": notebook(MARK, parameters={"marks": "", "name": "p", "alpha": 0.1})},
+    )
+    message = {
+        "repository": {"url": file_url(repo)},
+        "notebooks": [{"path": "p.ipynb", "parameters": {"alpah": 2}}],
+        "parameters": {"marks": str(marks), "name": "p"},
+    }
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps(message))
+    lenient = cli(tmp_path, "run", body, "--out", tmp_path / "lenient")
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    (result,) = json.loads((tmp_path / "lenient" / "summary.json").read_text())["notebooks"]
+    assert result["state"] == "succeeded"
+    (warning,) = result["warnings"]
+    assert warning.startswith("unknown parameter alpah: not assigned in the notebook's parameters")
+    assert f"warning: p.ipynb: {warning}" in lenient.stdout
+    assert _ran(marks) == ["p"]
+
+    body.write_text(json.dumps(message | {"strictParameters": True}))
+    strict = cli(tmp_path, "run", body, "--out", tmp_path / "strict")
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    (result,) = json.loads((tmp_path / "strict" / "summary.json").read_text())["notebooks"]
+    assert result["state"] == "failed"
+    assert result["error"]["ename"] == "UnknownParameter"
+    assert "alpah" in result["error"]["evalue"] and "alpah" in strict.stdout
+    assert _ran(marks) == ["p"]  # refused before it ran

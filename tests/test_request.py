@@ -668,3 +668,13 @@ def test_repr_masks_secret_looking_parameters():
     assert "pw-123456" not in text and "k-987654" not in text
     assert "'env': 'ci'" in text and "'db_password': '***'" in text
     assert request.parameters["db_password"] == "pw-123456"  # the value itself is intact
+
+
+def test_strict_parameters_is_a_boolean_and_round_trips():
+    request = parse_request(body(strictParameters=True))
+    assert request.strict_parameters is True
+    assert request.to_dict()["strictParameters"] is True
+    assert RunRequest.from_dict(request.to_dict()).strict_parameters is True
+    assert "strictParameters" not in parse_request(body()).to_dict()
+    (error,) = errors_of(body(strictParameters="yes"))
+    assert error == 'strictParameters: must be true or false, got "yes"'
