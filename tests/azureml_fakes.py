@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 RESOURCE_GROUP = "rg"
-WORKSPACE = "ws"
+WORKSPACE = "mlw-notebooks"
 REGION = "westeurope"
 ARM = "https://management.azure.com"
 STORAGE_ACCOUNT = "wsstorage123"
@@ -184,9 +184,10 @@ class FakeAzureML:
         self.registry_environments: dict[tuple[str, str], dict[str, str]] = {}
         self.curated: set[str] = set()  # AzureML-... names the service resolves itself
         self.sleeps: list[float] = []  # what azure-core's retry policy slept, via transport
-        self.codes: dict[str, tuple[str, str, dict[str, Any]]] = {}  # hash -> name, version, body
+        self.codes: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}  # -> hash, body
         self.jobs: dict[str, FakeJob] = {}
         self.next_script: list[str] = list(HAPPY)
+        self.on_create: Any = None  # called with each new FakeJob (scripts, outputs)
         self.uploads: list[dict[str, Any]] = []  # one per snapshot: {"files": {name: size}}
         self.blob_read_forbidden = False
         self.identity_based_storage = False
@@ -419,7 +420,7 @@ def _check_scope(sub: str, rg: str, ws: str) -> None:
 def _list_code_versions(svc, rec, sub, rg, ws, name):
     _check_scope(sub, rg, ws)
     wanted = (rec.query.get("hash") or [None])[0]
-    found = [body for h, (_, _, body) in svc.codes.items() if h == wanted]
+    found = [body for h, body in svc.codes.values() if h == wanted]
     return _ok({"value": found})
 
 
@@ -461,16 +462,15 @@ def _put_code_version(svc, rec, sub, rg, ws, name, version):
         "systemData": {"createdAt": _now()},
     }
     content_hash = (props.get("properties") or {}).get("hash_sha256")
-    svc.codes[str(content_hash or uuid.uuid4())] = (name, version, stored)
+    svc.codes[(name, version)] = (str(content_hash), stored)
     return _ok(stored, 201)
 
 
 @route("GET", "{WS}/codes/(?P<name>[^/]+)/versions/(?P<version>[^/]+)")
 def _get_code_version(svc, rec, sub, rg, ws, name, version):
     _check_scope(sub, rg, ws)
-    for n, v, body in svc.codes.values():
-        if (n, v) == (name, version):
-            return _ok(body)
+    if (name, version) in svc.codes:
+        return _ok(svc.codes[(name, version)][1])
     raise ServiceAnswer(404, "UserError", f"Code {name}:{version} not found")
 
 
@@ -612,11 +612,13 @@ def _put_job(svc, rec, sub, rg, ws, name):
     compute = _arm_name(props["computeId"], "computes")
     if compute not in COMPUTES:
         raise ServiceAnswer(400, "UserError", f"Compute {props['computeId']} not found")
-    if not any(b["id"] == props["codeId"] for _, _, b in svc.codes.values()):
+    if not any(b["id"] == props["codeId"] for _, b in svc.codes.values()):
         raise ServiceAnswer(400, "UserError", f"Code {props['codeId']} not found")
     job = svc.jobs[name] = FakeJob(
         name=name, body=body, script=list(svc.next_script), created=_now()
     )
+    if svc.on_create is not None:
+        svc.on_create(job)
     return _ok(_job_resource(svc, job), 201)
 
 

@@ -639,7 +639,7 @@ def test_refusals_become_permanent_errors_that_say_what_to_fix(
     with pytest.raises(PermanentBackendError) as caught:
         backend.submit(_spec(checkout))
     text = str(caught.value)
-    assert words in text and "ws" in text and "\n" not in text
+    assert words in text and fakes.WORKSPACE in text and "\n" not in text
     assert "s3cr3t-value" not in text and fakes.FakeCredential.TOKEN not in text
 
 
@@ -897,3 +897,81 @@ def test_switching_compute_backend_is_a_name_in_the_message(name, monkeypatch):
     monkeypatch.setenv("NOTEBOOKOPS_ALLOW_LOCAL_BACKEND", "1")
     backend = get_backend(name)
     assert backend.name == name and isinstance(backend, Backend)
+
+
+# -- the whole app on devhost, with Azure ML at the wire ------------------------------------
+
+
+@pytest.mark.slow
+def test_a_pipeline_run_on_azure_ml_at_the_wire(flow_env, service, credential, monkeypatch):
+    """The real function app on devhost (virtual clock) with the `azureml` backend talking to
+    the fake service: one notebook succeeds, one fails in a cell, and one meets a 429 storm on
+    every submit, which fails that notebook only. One snapshot is uploaded for the commit."""
+    from notebookops.compute import registry
+    from tests.flow_support import app_host, deliver, make_repo, message, notebook
+
+    repo = make_repo(
+        flow_env / "repo",
+        {name: notebook("x = 1") for name in ("nb/a.ipynb", "nb/b.ipynb", "nb/c.ipynb")},
+    )
+    clients: dict = {}
+
+    def factory(workspace):
+        if workspace not in clients:
+            clients[workspace] = build_client(
+                workspace, credential=credential, transport=service.transport
+            )
+        return clients[workspace]
+
+    monkeypatch.setitem(
+        registry._factories,
+        "azureml",
+        lambda: AzureMLBackend(client_factory=factory, work_dir=flow_env / "aml-work"),
+    )
+
+    def on_create(job):
+        notebook_path = _entry_job(job.body)["notebook"]
+        name = Path(notebook_path).name
+        if notebook_path == "nb/b.ipynb":
+            job.script = list(fakes.FAILING)
+            job.error = "User program exited with code 1"
+            job.outputs[name] = json.dumps(fakes.notebook_json(("KeyError", "'id'"))).encode()
+        else:
+            job.outputs[name] = json.dumps(fakes.notebook_json()).encode()
+
+    service.on_create = on_create
+    service.fail_next(r"^PUT ws:/jobs/nb-nb-c-", 429, times=1000, headers={"Retry-After": "5"})
+    body = message(
+        repo,
+        ["nb/a.ipynb", "nb/b.ipynb", "nb/c.ipynb"],
+        compute={
+            "backend": "azureml",
+            "target": "cpu-cluster",
+            "environment": "azureml:nb-env@latest",
+            "workspace": {
+                "subscriptionId": fakes.SUBSCRIPTION,
+                "resourceGroup": fakes.RESOURCE_GROUP,
+                "name": fakes.WORKSPACE,
+            },
+        },
+    )
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body)
+        status = host.wait_for(instance, 240)
+    summary = status["output"]
+    assert status["runtimeStatus"] == "Completed", status
+    by_path = {n["path"]: n for n in summary["notebooks"]}
+    a, b, c = by_path["nb/a.ipynb"], by_path["nb/b.ipynb"], by_path["nb/c.ipynb"]
+    assert a["state"] == "succeeded" and Path(a["outputNotebook"]).is_file(), json.dumps(a)
+    assert a["portalUrl"].startswith("https://ml.azure.com/runs/nb-nb-a-")
+    assert a["durationSeconds"] is not None and a["durationSeconds"] >= 0
+    assert b["state"] == "failed" and b["error"]["ename"] == "KeyError", b
+    assert b["error"]["cellIndex"] == 1
+    assert c["state"] == "failed" and "429" in json.dumps(c)
+    assert summary["result"] == "failed"
+    assert len(service.uploads) == 1  # one snapshot for the commit's three notebooks
+    assert sorted(job.name[:8] for job in service.jobs.values()) == ["nb-nb-a-", "nb-nb-b-"]
+    for job in service.jobs.values():
+        assert job.body["properties"]["tags"]["notebookops.instance"] == instance
+    assert service.unrouted == []
+    assert fakes.FakeCredential.TOKEN not in json.dumps(summary)

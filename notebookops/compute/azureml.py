@@ -67,6 +67,21 @@ def build_client(workspace: common.WorkspaceRef, credential: Any = None, **kwarg
     )
 
 
+_shared_clients: dict[common.WorkspaceRef, Any] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_client(workspace: common.WorkspaceRef) -> Any:
+    """One MLClient per workspace for the process: the registry makes a backend per activity,
+    and a fresh client would pay the credential's token and run history's discovery (two
+    more ARM reads) on every monitor round."""
+    with _shared_lock:
+        client = _shared_clients.get(workspace)
+        if client is None:
+            client = _shared_clients[workspace] = build_client(workspace)
+    return client
+
+
 class AzureMLBackend:
     name = "azureml"
     poll_policy = common.AZUREML_POLL_POLICY
@@ -76,19 +91,22 @@ class AzureMLBackend:
         client_factory: ClientFactory | None = None,
         work_dir: Path | str | None = None,
     ) -> None:
-        self._client_factory = client_factory or build_client
+        self._client_factory = client_factory or shared_client
         self._work_dir_arg = work_dir
         self._clients: dict[common.WorkspaceRef, Any] = {}
         self._lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _jobs(self, workspace: common.WorkspaceRef) -> Any:
+    def _client(self, workspace: common.WorkspaceRef) -> Any:
         with self._lock:
             client = self._clients.get(workspace)
             if client is None:
                 client = self._clients[workspace] = self._client_factory(workspace)
-        return client.jobs
+        return client
+
+    def _jobs(self, workspace: common.WorkspaceRef) -> Any:
+        return self._client(workspace).jobs
 
     def _work(self) -> Path:
         return common.work_dir(self._work_dir_arg)
@@ -148,8 +166,8 @@ class AzureMLBackend:
 
     # -- submit --------------------------------------------------------------------------------
 
-    def build_job(self, spec: RunSpec, code_dir: Path) -> Any:
-        """The command job for `spec`, with `code_dir` already staged (see `submit`)."""
+    def build_job(self, spec: RunSpec, code: str) -> Any:
+        """The command job for `spec` over the staged folder `code` (see `submit`)."""
         from azure.ai.ml import Output, command
 
         environment = common.environment_for(spec.compute, self.name)
@@ -176,7 +194,7 @@ class AzureMLBackend:
             name=spec.run_key,
             display_name=spec.notebook,
             experiment_name=spec.compute.get("experiment") or "notebook-ci",
-            code=str(code_dir),
+            code=code,
             command=(
                 f"python {ENTRY_FILE_NAME} --output-dir ${{{{outputs.{OUTPUT_NAME}}}}} "
                 f"--job {encode_job(job)}"
@@ -205,9 +223,9 @@ class AzureMLBackend:
         code_dir, _ = common.shared_upload_folder(
             spec, self._work() / "code", {ENTRY_FILE_NAME: _ENTRY_SOURCE}
         )
-        job = self.build_job(spec, Path(code_dir))
+        job = self.build_job(spec, code_dir)
         try:
-            created = self._jobs(workspace).create_or_update(job)
+            created = self._create(workspace, job, Path(code_dir))
         except Exception as exc:
             if common.exists_error(str(exc)) or _ambiguous(exc):
                 # The PUT may have reached the service before the answer was lost.
@@ -217,6 +235,20 @@ class AzureMLBackend:
             self._raise_for(exc, workspace, f"create job {spec.run_key}")
             raise
         return self._handle(spec.run_key, created, workspace, output)
+
+    def _create(self, workspace: common.WorkspaceRef, job: Any, code_dir: Path) -> Any:
+        """create_or_update, the first one of a snapshot under a lock: the SDK registers the
+        code asset inside it, and submits of the same commit running at once would each miss
+        the others' asset by content hash and upload the same snapshot again. Later ones find
+        it and go in parallel."""
+        marker = code_dir.with_name(f"{code_dir.name}.registered-{_slug(str(workspace))}")
+        if not marker.exists():
+            with common.folder_lock(code_dir):
+                if not marker.exists():
+                    created = self._jobs(workspace).create_or_update(job)
+                    marker.touch()
+                    return created
+        return self._jobs(workspace).create_or_update(job)
 
     def _handle(
         self, name: str, job: Any, workspace: common.WorkspaceRef, output: str
@@ -374,6 +406,12 @@ class AzureMLBackend:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(notebook, dest)
         return dest
+
+
+def _slug(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _iso(value: Any) -> str | None:

@@ -4,12 +4,14 @@ source folder, status normalisation and error wording. Imports no Azure SDK.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -415,15 +417,12 @@ def shared_upload_folder(spec: RunSpec, root: Path, extra_files: dict[str, Path]
     built once, hard links where possible), with the ignore rules applied once under a lock,
     keeping `extra_files` and every notebook: the folder serves every notebook of the commit,
     so a pattern may not remove one of them. Returns (folder, notebook path inside it)."""
-    import fcntl
-
     from notebookops.compute.staging import shared_snapshot
 
     snapshot = shared_snapshot(spec, root, extra_files=extra_files)
     marker = snapshot.path / ".amlignore"
     if not (marker.is_file() and marker.read_text().startswith(_APPLIED)):
-        with open(snapshot.path.with_name(snapshot.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with folder_lock(snapshot.path):
             if not (marker.is_file() and marker.read_text().startswith(_APPLIED)):
                 notebooks = [
                     p.relative_to(snapshot.path).as_posix() for p in snapshot.path.rglob("*.ipynb")
@@ -433,6 +432,19 @@ def shared_upload_folder(spec: RunSpec, root: Path, extra_files: dict[str, Path]
 
 
 _APPLIED = "# applied by notebookops before upload"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock beside `folder`, across threads and processes of this host."""
+    import fcntl
+
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def snapshot_size(root: Path) -> tuple[int, int]:
