@@ -7,6 +7,8 @@ import json
 
 import nbformat
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from notebookops.notebook_errors import (
@@ -229,3 +231,69 @@ def test_skip_execution_cells_are_not_judged_by_the_outputs_they_carry():
         "skip-execution",
     )
     assert extract_error(new_notebook(cells=[stale, new_code_cell("1")])) is None
+
+
+# -- the mapping survives whatever papermill does to any notebook -----------------------------
+
+
+_SOURCES = st.sampled_from(["x = 1", "x = 1", "print(x)", "# note", "", "y"])
+_CELL = st.tuples(st.sampled_from(["code", "markdown", "marker"]), _SOURCES)
+
+
+@given(
+    cells=st.lists(_CELL, max_size=12),
+    parameters_at=st.none() | st.integers(0, 12),
+    committed_injected_at=st.none() | st.integers(0, 12),
+    inject=st.booleans(),
+    new_ids=st.booleans(),
+    marker_at=st.none() | st.integers(0, 14),
+)
+def test_every_committed_cell_is_found_again_after_papermill(
+    cells, parameters_at, committed_injected_at, inject, new_ids, marker_at
+):
+    committed = []
+    for kind, source in cells:
+        if kind == "marker":
+            committed.append(_marker(source))
+        elif kind == "code":
+            committed.append(new_code_cell(source))
+        else:
+            committed.append(new_markdown_cell(source))
+    if parameters_at is not None:
+        committed.insert(
+            min(parameters_at, len(committed)), _tagged(new_code_cell("n = 1"), "parameters")
+        )
+    if committed_injected_at is not None:
+        old = _tagged(new_code_cell("n = 5  # an old run's"), "injected-parameters")
+        committed.insert(min(committed_injected_at, len(committed)), old)
+    for number, cell in enumerate(committed):
+        cell["id"] = f"c{number}"
+    committed_nb = new_notebook(cells=committed)
+
+    # papermill: strip the markers, inject (replacing an old injected cell in place, else after
+    # the parameters cell, else at the top), maybe new ids (4.4 upgrade), add fresh markers.
+    executed = [(i, copy.deepcopy(c)) for i, c in enumerate(committed) if not _is_marker(c)]
+    if inject:
+        fresh = (None, _tagged(new_code_cell("n = 2"), "injected-parameters"))
+        tags = [c.metadata.get("tags", []) for _, c in executed]
+        old_at = next((k for k, t in enumerate(tags) if "injected-parameters" in t), None)
+        param_at = next((k for k, t in enumerate(tags) if "parameters" in t), None)
+        if old_at is not None:
+            executed[old_at] = (executed[old_at][0], fresh[1])  # papermill's replacement
+        elif param_at is not None:
+            executed.insert(param_at + 1, fresh)
+        else:
+            executed.insert(0, fresh)
+    for number, (_, cell) in enumerate(executed):
+        if new_ids or "injected-parameters" in cell.metadata.get("tags", []):
+            cell["id"] = f"new{number}"
+    if marker_at is not None:
+        executed.insert(min(marker_at, len(executed)), (None, _marker("stopped here")))
+        executed.insert(0, (None, _marker("An Exception was encountered")))
+    executed_nb = new_notebook(cells=[c for _, c in executed])
+
+    assert committed_indexes(executed_nb, committed_nb) == [origin for origin, _ in executed]
+
+
+def _is_marker(cell):
+    return "papermill-error-cell-tag" in cell.metadata.get("tags", [])
