@@ -277,3 +277,33 @@ def test_unknown_parameters_warn_and_fail_the_notebook_when_strict(tmp_path):
     assert result["error"]["ename"] == "UnknownParameter"
     assert "alpah" in result["error"]["evalue"] and "alpah" in strict.stdout
     assert _ran(marks) == ["p"]  # refused before it ran
+
+
+@pytest.mark.slow
+def test_one_failing_cell_has_one_number_in_every_text_a_person_reads(tmp_path):
+    """Markdown and a parameters cell before the failure: its place in the committed file
+    (cellIndex 3) and Jupyter's execution count (In [3] counts papermill's injected cell
+    and skips markdown, so it is not 3 here) must not be mixed up."""
+    from nbformat import v4
+
+    nb = notebook("x = 1", "raise ValueError('bad')", parameters={"alpha": 1})
+    nb.cells.insert(0, v4.new_markdown_cell("# intro"))
+    repo = make_repo(tmp_path / "repo", {"f.ipynb": nb})
+    body = tmp_path / "body.json"
+    body.write_text(
+        json.dumps(
+            {
+                "repository": {"url": file_url(repo)},
+                "notebooks": [{"path": "f.ipynb", "parameters": {"alpha": 2}}],
+            }
+        )
+    )
+    result = cli(tmp_path, "run", body, "--out", tmp_path / "out")
+    assert result.returncode == 1, result.stdout + result.stderr
+    (failed,) = json.loads((tmp_path / "out" / "summary.json").read_text())["notebooks"]
+    assert failed["error"]["cellIndex"] == 3
+    assert "ValueError: bad (cell 3)" in result.stdout
+    junit = ET.parse(tmp_path / "out" / "junit.xml").getroot()
+    assert junit.find("testsuite/testcase/failure").get("message") == "ValueError: bad (cell 3)"
+    traceback = failed["error"]["traceback"]
+    assert "In[" in traceback and "In[3]" not in traceback  # the execution count, as Jupyter's

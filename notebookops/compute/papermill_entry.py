@@ -149,7 +149,8 @@ def run(output_dir: str, job: dict[str, Any]) -> int:
         )
     except PapermillExecutionError as exc:
         # The output notebook is saved with the failing cell; a non-zero exit fails the job.
-        print(f"notebook failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}", flush=True)
+        # exec_count is Jupyter's execution count, not the cell's place (README: cellIndex).
+        print(f"notebook failed at In [{exc.exec_count}]: {exc.ename}: {exc.evalue}", flush=True)
         return 1
     return 0
 
