@@ -57,7 +57,10 @@ def _float_setting(name: str, default: float) -> float:
 
 
 def _devops(payload: dict[str, Any]) -> Any:
-    """The pipeline's callback client, or None when the run has no callback values."""
+    """The pipeline's callback client, or None when the run has no callback values.
+
+    ``payload["disabled"]`` carries the side-call kinds an earlier activity saw refused, so
+    each rejection is logged once per run and never knocked on again."""
     devops = payload.get("devops")
     token = _token(payload)
     if not devops or not token:
@@ -69,23 +72,26 @@ def _devops(payload: dict[str, Any]) -> Any:
     return DevOpsClient.from_callback(
         callback,
         log_id=payload.get("logId"),
+        disabled=payload.get("disabled") or {},
         backoff_base=_float_setting(DEVOPS_RETRY_SETTING, 1.0),
         timeout=_float_setting(DEVOPS_TIMEOUT_SETTING, 30.0),
     )
 
 
 def _tell(client: Any, lines: list[str]) -> None:
-    """Live feed and job log; best effort: the pipeline's console never fails a run."""
+    """Live feed and job log; best effort: neither ever fails a run or decides its verdict."""
     if client is None or not lines:
         return
-    from notebookops.devops import DevOpsError
-
     client.feed(lines)
     if client.log_id is not None:
-        try:
-            client.append_log("\n".join(lines) + "\n")
-        except DevOpsError as exc:
-            log.warning("job log: %s", exc)
+        client.append_log("\n".join(lines))
+
+
+def _disabled(client: Any, answer: dict[str, Any]) -> dict[str, Any]:
+    """Hand side-call kinds refused in this activity back to the orchestrator."""
+    if client is not None and client.newly_disabled:
+        answer["disabled"] = dict(client.newly_disabled)
+    return answer
 
 
 def clone(payload: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +162,10 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
     for warning in warnings:
         log.warning("submit: %s: %s", payload["path"], warning)
     lines = [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"]
-    _tell(_devops(payload), lines + [f"warning: {payload['path']}: {w}" for w in warnings])
+    client = _devops(payload)
+    _tell(client, lines + [f"warning: {payload['path']}: {w}" for w in warnings])
     answer = {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
-    return answer | ({"warnings": warnings} if warnings else {})
+    return _disabled(client, answer | ({"warnings": warnings} if warnings else {}))
 
 
 def _parameter_warnings(payload: dict[str, Any], checkout: Path) -> list[str]:
@@ -236,7 +243,7 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {"runs": results}
     if payload.get("checkPipeline") and client is not None:
         answer["pipeline"] = _pipeline_state(client)
-    return answer
+    return _disabled(client, answer)
 
 
 _TERMINAL = {"succeeded", "failed", "canceled", "timedOut"}
@@ -252,19 +259,9 @@ def _end_line(result: dict[str, Any]) -> str:
 
 
 def _pipeline_state(client: Any) -> str:
-    """'waiting', 'gone' (cancelled, timed out or otherwise finished without us) or 'unknown'."""
-    from notebookops.devops import CallbackRejected, DevOpsError
-
-    try:
-        state = client.task_state()
-    except CallbackRejected:
-        return "gone"
-    except DevOpsError as exc:
-        log.warning("pipeline check: %s", exc)
-        return "unknown"
-    if state is None:
-        return "unknown"
-    return "waiting" if state.lower() in ("pending", "inprogress") else "gone"
+    """'waiting', 'gone' (the task record says it finished: cancelled or timed out) or
+    'unknown'. Only the record read decides: a refused feed or log never means 'gone'."""
+    return client.pipeline_state()
 
 
 def _wait_for_change(payload: dict[str, Any]) -> None:
@@ -359,55 +356,84 @@ def _parse(text: str) -> datetime:
 
 
 def report(payload: dict[str, Any]) -> dict[str, Any]:
-    """Talk to the waiting pipeline. Phase "started": TaskStarted, the job log, the first feed
-    lines. Phase "completed": the final table, test results, then exactly one TaskCompleted
-    (skipped when the pipeline is gone). Without callback values it only logs."""
-    from notebookops.devops import CallbackRejected, CallbackUnavailable
+    """Talk to the waiting pipeline, one phase per call (each safe to run twice):
 
+    - ``started``: TaskStarted, the job log, the first lines (all best effort);
+    - ``publish``: the final table, test results and the summary tab (best effort, once);
+    - ``deliver``: one bounded TaskCompleted attempt; the orchestrator retries on timers.
+
+    Without callback values it only logs.
+    """
     client = _devops(payload)
     phase = payload.get("phase", "completed")
     if phase == "started":
         return _report_started(client, payload)
+    if phase == "deliver":
+        return _deliver(client, payload)
     summary = payload["summary"]
     table = summary_lines(summary)
     log.info("run %s finished: %s\n%s", summary["instanceId"], summary["result"], "\n".join(table))
     if client is None:
-        return {"calledBack": False, "result": summary["result"]}
+        return {"published": False}
     _tell(client, table)
-    client.publish_test_results(summary, _output_resolver(summary))
-    if payload.get("skipCallback"):
-        log.info(
-            "run %s: the pipeline no longer waits; no TaskCompleted sent", summary["instanceId"]
-        )
-        return {"calledBack": False, "result": summary["result"]}
+    # Nothing below may raise: a retried activity would post the final table a second time.
     try:
-        client.task_completed(summary["result"])
-    except CallbackRejected as exc:
-        # The task is no longer waiting (cancelled, timed out, completed): never loop on it.
-        log.warning("run %s: TaskCompleted refused: %s", summary["instanceId"], exc)
-        return {"calledBack": False, "result": summary["result"], "rejected": True}
-    except CallbackUnavailable:
-        raise  # transient: the orchestrator's retry policy applies
-    return {"calledBack": True, "result": summary["result"]}
+        client.publish_test_results(summary, _output_resolver(summary))
+    except Exception as exc:
+        log.warning("test results not published: %s", redact.redact_known(str(exc)))
+    _attach_summary(client, summary, payload.get("statusUrl"))
+    return _disabled(client, {"published": True})
+
+
+def _attach_summary(client: Any, summary: dict[str, Any], status_url: str | None) -> None:
+    from notebookops.devops_summary import summary_markdown
+
+    try:
+        markdown = summary_markdown(summary, status_url)
+    except Exception as exc:  # the summary tab is decoration; a bug here must not cost the run
+        log.warning("summary tab not written: %s", redact.redact_known(str(exc)))
+        return
+    client.attach_summary(markdown)
+
+
+def _deliver(client: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """One TaskCompleted attempt, plus a look at the task record when it did not land: the
+    record is what says the task stopped waiting (or that an earlier attempt whose answer
+    was lost got through)."""
+    if client is None:
+        return {"outcome": "rejected", "error": "no callback values", "status": None}
+    result = payload["result"]
+    answer = client.try_task_completed(result)
+    if answer["outcome"] in ("rejected", "unavailable"):
+        answer["record"] = _record(client)
+    attempt = payload.get("attempt")
+    log.info(
+        "%s",
+        redact.redact_known(
+            f"TaskCompleted({result}) attempt {attempt}: {answer['outcome']}"
+            + (f" ({answer['error']})" if answer.get("error") else "")
+        ),
+    )
+    return answer
+
+
+def _record(client: Any) -> dict[str, Any] | None:
+    from notebookops.devops import DevOpsError
+
+    try:
+        return client.task_record()
+    except DevOpsError:
+        return None
 
 
 def _report_started(client: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    from notebookops.devops import CallbackRejected, DevOpsError
-
     if client is None:
         return {"logId": None}
     lines = list(payload.get("lines") or [])
-    try:
-        client.task_started()
-        log_id = client.ensure_log(payload.get("logId"))
-    except CallbackRejected as exc:
-        log.warning("the pipeline refused the run's first call: %s", exc)
-        return {"logId": None, "pipeline": "gone"}
-    except DevOpsError as exc:  # the run goes on; the final TaskCompleted retries on its own
-        log.warning("job log unavailable: %s", exc)
-        log_id = None
+    client.task_started()
+    log_id = client.ensure_log(payload.get("logId"))
     _tell(client, lines)
-    return {"logId": log_id}
+    return _disabled(client, {"logId": log_id})
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:

@@ -1,12 +1,23 @@
 """Report to the waiting Azure DevOps pipeline task: plan events, live feed, job log, task state.
 
-Protocol: /work/shared/reference/devops-protocol.md §2-§5 (URLs, bodies, casing, api-versions).
-Every call is synchronous and explicit so an activity can make exactly the calls it means to.
+Protocol: /work/shared/reference/devops-protocol.md §2-§5 (URLs, bodies, casing); routes, bodies
+and api-versions as the services' published Swagger files declare them
+(/work/shared/reference/specs/), or, for the routes those files leave out (feed, record read,
+record attachments), as the official azure-devops Python SDK's TaskClient calls them.
 
-Failure policy (§5): 5xx, 408, 429 and network errors are retried with bounded exponential
-back-off; any other 4xx means nobody is waiting for us any more (run cancelled, timed out, token
-expired): it is logged once and raised as CallbackRejected, never retried. The pipeline token is
-registered for redaction and appears in no log line, exception text or repr.
+Two kinds of calls, with different rules:
+
+- **TaskCompleted decides delivery.** ``try_task_completed`` makes one bounded attempt and says
+  what happened (accepted, retry later, or stopped); the orchestrator waits on durable timers
+  between attempts. Only its own answers, and the task's timeline record, decide the outcome.
+- **Side calls never decide anything** (TaskStarted, feed, log, record attach, test results,
+  summary): they never raise for what the service answers; a rejection (4xx, or an
+  authentication failure) is logged once and disables only that kind of call.
+
+Every call sends ``X-TFS-FedAuthRedirect: Suppress`` (as the official SDK does), so an expired
+token gets 401 instead of a sign-in page; a 203, a 3xx or an HTML page where JSON was expected
+is an authentication failure all the same, never success. The pipeline token is registered for
+redaction and appears in no log line, exception text or repr.
 """
 
 from __future__ import annotations
@@ -29,7 +40,9 @@ if TYPE_CHECKING:
     from notebookops.request import Callback
 
 __all__ = [
+    "SIDE_CALLS",
     "TASK_RESULTS",
+    "CallbackAuthFailed",
     "CallbackRejected",
     "CallbackUnavailable",
     "DevOpsClient",
@@ -38,26 +51,45 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# §2.1: the samples' version is the most battle-tested one for plan events.
-EVENTS_API_VERSION = "2.0-preview.1"
-# §3.1, §3.2, §4: feed, logs and timeline records as the ServerTaskHelper sample calls them.
-TIMELINE_API_VERSION = "4.1"
+# Swagger (specs/azure-devops-distributedtask-7.1.json): Events_Post, Logs_Create, Logs_Append
+# and Records_Update are declared with api-version 7.1.
+EVENTS_API_VERSION = "7.1"
+LOGS_API_VERSION = "7.1"
+RECORDS_API_VERSION = "7.1"
+# Not in the Swagger file: TaskClient.get_records and create_attachment (v7_1 SDK) use
+# 7.1-preview.1; the feed keeps ServerTaskHelper's 4.1 (the v7_1 SDK has no feed call).
+RECORDS_READ_API_VERSION = "7.1-preview.1"
+ATTACHMENTS_API_VERSION = "7.1-preview.1"
+FEED_API_VERSION = "4.1"
+SUMMARY_ATTACHMENT_TYPE = "Distributedtask.Core.Summary"
 
 TASK_RESULTS = ("succeeded", "succeededWithIssues", "failed", "canceled")
+# The kinds of best-effort calls; each is disabled on its own after a rejection.
+SIDE_CALLS = ("started", "feed", "log", "attach", "tests", "summary", "record")
 FEED_LINE_MAX = 1024  # §3.1: longer lines are cut by the server-side helper anyway
 FEED_BATCH = 100
 _TRUNCATED = "…"
 _RETRYABLE_4XX = (408, 429)
+_AUTH_STATUSES = (401, 403)
 _SHOWN_BODY_CHARS = 300
+WAITING_STATES = ("pending", "inprogress")
 
 
 class DevOpsError(Exception):
     """A call to Azure DevOps that did not succeed; the message never contains the token."""
 
-    def __init__(self, message: str, *, operation: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.operation = operation
         self.status = status
+        self.retry_after = retry_after
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), str(self), self.operation, self.status))
@@ -68,15 +100,24 @@ def _rebuild(cls: type[DevOpsError], message: str, operation: str, status: int |
 
 
 class CallbackRejected(DevOpsError):
-    """Azure DevOps answered a 4xx other than 408/429: the task is no longer waiting."""
+    """A 4xx other than 408/429: this call will not succeed by trying again."""
+
+
+class CallbackAuthFailed(CallbackRejected):
+    """401/403, a 203 sign-in page, a redirect or HTML instead of JSON: the token was refused."""
 
 
 class CallbackUnavailable(DevOpsError):
-    """5xx/408/429/network errors persisted through every retry."""
+    """5xx/408/429/network errors persisted through every retry of one call."""
 
 
 class DevOpsClient:
-    """One pipeline task's callback: build it from the callback values and call it directly."""
+    """One pipeline task's callback: build it from the callback values and call it directly.
+
+    ``disabled`` maps side-call kinds (SIDE_CALLS) to the reason they were turned off; pass the
+    mapping an earlier activity returned so a rejected kind stays off for the whole run, and
+    read ``newly_disabled`` after the calls to hand it on.
+    """
 
     def __init__(
         self,
@@ -96,6 +137,7 @@ class DevOpsClient:
         backoff_base: float = 1.0,
         backoff_max: float = 30.0,
         log_id: int | None = None,
+        disabled: Mapping[str, str] | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         session: requests.Session | None = None,
     ) -> None:
@@ -114,12 +156,13 @@ class DevOpsClient:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.log_id = log_id
+        self.disabled: dict[str, str] = dict(disabled or {})
+        self.newly_disabled: dict[str, str] = {}
         self._token = auth_token
         self._sleep = sleep
         self._now = now
         self._session = session or requests.Session()
         self._completed = False
-        self._rejected: CallbackRejected | None = None
         # Masks the token in every log record of the process, whoever logs it.
         register_secret(auth_token)
         # §2.1: PlanUrl (System.CollectionUri) normally ends with "/"; never produce "//".
@@ -135,6 +178,7 @@ class DevOpsClient:
             )
         )
         self.project_base = f"{self.collection_url}/{_segment(project_id)}"
+        self.timeline_base = f"{self.plan_base}/timelines/{_segment(timeline_id)}"
 
     @classmethod
     def from_callback(cls, callback: Callback, **options: Any) -> DevOpsClient:
@@ -159,46 +203,93 @@ class DevOpsClient:
             f"build_id={self.build_id!r}, auth_token={MASK!r})"
         )
 
+    # -- side calls: best effort, one rejection turns off one kind ----------------------------
+
+    def side_call(self, kind: str, operation: str, *args: Any, **kwargs: Any) -> Any:
+        """``call`` for a best-effort kind: None instead of raising, whatever the answer.
+
+        A rejection (4xx, authentication failure) disables ``kind`` for the rest of the run and
+        is logged once; an outage is logged and the next call of the kind tries again.
+        """
+        if kind in self.disabled:
+            return None
+        # Best effort never waits long: one quick retry, no long Retry-After sleeps.
+        kwargs.setdefault("attempts", min(2, self.max_attempts))
+        kwargs.setdefault("max_delay", self.backoff_base * 2)
+        try:
+            return self.call(operation, *args, **kwargs)
+        except CallbackRejected as exc:
+            self.disable(kind, str(exc))
+        except DevOpsError as exc:
+            log.warning("%s (best effort, the run goes on)", exc)
+        return None
+
+    def disable(self, kind: str, reason: str) -> None:
+        if kind in self.disabled:
+            return
+        line = _one_line(reason)
+        self.disabled[kind] = line
+        self.newly_disabled[kind] = line
+        log.warning("%s; no more %s calls for this run (they never decide the verdict)", line, kind)
+
     # -- plan events (§2) ---------------------------------------------------------------------
 
-    def task_started(self) -> None:
+    def task_started(self) -> bool:
         """Tell the pipeline the task has started (cosmetic: no timeout is armed on it)."""
-        self._post_event(
-            {"name": "TaskStarted", "taskId": self.task_instance_id, "jobId": self.job_id}
-        )
+        event = {"name": "TaskStarted", "taskId": self.task_instance_id, "jobId": self.job_id}
+        return self._event_call(event, kind="started") is not None
 
     def task_completed(self, result: str) -> None:
-        """Complete the waiting task; the caller sends this exactly once per run.
+        """Complete the waiting task with in-call retries; raises DevOpsError when it did not land.
 
         A second call on the same client sends nothing: a duplicate TaskCompleted has unknown
-        effects on the server (§5).
+        effects on the server (§5). The app itself uses ``try_task_completed`` on durable timers.
         """
-        if result not in TASK_RESULTS:
-            raise ValueError(f"result must be one of {', '.join(TASK_RESULTS)}, got {result!r}")
+        event = self._completed_event(result)
         if self._completed:
             log.warning(
                 "TaskCompleted was already sent for task %s; not sending it again",
                 self.task_instance_id,
             )
             return
-        self._post_event(
-            {
-                "name": "TaskCompleted",
-                "taskId": self.task_instance_id,
-                "jobId": self.job_id,
-                "result": result,
-            }
-        )
+        self._event_call(event)
         self._completed = True
 
-    def _post_event(self, event: dict[str, str]) -> None:
-        self._plan_call(
-            event["name"],
-            "POST",
-            f"{self.plan_base}/events",
-            EVENTS_API_VERSION,
-            json_body=event,
-        )
+    def try_task_completed(self, result: str) -> dict[str, Any]:
+        """One bounded TaskCompleted attempt (no retry inside); what happened, as JSON.
+
+        ``outcome``: ``accepted`` (2xx), ``unavailable`` (5xx/408/429/network/timeout: try
+        again later, ``retryAfter`` when the server said so), ``auth`` (the token was refused:
+        401/403/203/3xx/HTML) or ``rejected`` (another 4xx: the task no longer waits). ``error``
+        is one readable line without the token, ``status`` the HTTP status if any.
+        """
+        event = self._completed_event(result)
+        try:
+            self._event_call(event, attempts=1)
+        except CallbackAuthFailed as exc:
+            return _outcome("auth", exc)
+        except CallbackRejected as exc:
+            return _outcome("rejected", exc)
+        except DevOpsError as exc:
+            return _outcome("unavailable", exc)
+        self._completed = True
+        return {"outcome": "accepted", "status": None, "error": None, "retryAfter": None}
+
+    def _completed_event(self, result: str) -> dict[str, str]:
+        if result not in TASK_RESULTS:
+            raise ValueError(f"result must be one of {', '.join(TASK_RESULTS)}, got {result!r}")
+        return {
+            "name": "TaskCompleted",
+            "taskId": self.task_instance_id,
+            "jobId": self.job_id,
+            "result": result,
+        }
+
+    def _event_call(self, event: dict[str, str], *, kind: str | None = None, **kw: Any) -> Any:
+        args = ("POST", f"{self.plan_base}/events", EVENTS_API_VERSION)
+        if kind is not None:
+            return self.side_call(kind, event["name"], *args, json_body=event, **kw)
+        return self.call(event["name"], *args, json_body=event, **kw)
 
     # -- live feed (§3.1) ---------------------------------------------------------------------
 
@@ -208,129 +299,180 @@ class DevOpsClient:
         Each line gets a UTC timestamp like the agent's, line breaks become separate lines,
         and anything past 1024 characters is cut (the persistent log keeps the full text).
         """
-        prepared = self._feed_lines(lines)
+        prepared = self._stamped(lines, FEED_LINE_MAX)
         if not prepared:
             return True
-        url = (
-            f"{self.plan_base}/timelines/{_segment(self.timeline_id)}"
-            f"/records/{_segment(self.job_id)}/feed"
-        )
-        try:
-            for start in range(0, len(prepared), FEED_BATCH):
-                batch = prepared[start : start + FEED_BATCH]
-                self._plan_call(
-                    "feed",
-                    "POST",
-                    url,
-                    TIMELINE_API_VERSION,
-                    json_body={
-                        "value": batch,
-                        "count": len(batch),
-                        "stepId": self.task_instance_id,
-                    },
-                    # Live lines are worth one quick retry, not a long wait.
-                    attempts=min(2, self.max_attempts),
-                )
-        except DevOpsError:
-            return False
+        url = f"{self.timeline_base}/records/{_segment(self.job_id)}/feed"
+        for start in range(0, len(prepared), FEED_BATCH):
+            batch = prepared[start : start + FEED_BATCH]
+            answer = self.side_call(
+                "feed",
+                "feed",
+                "POST",
+                url,
+                FEED_API_VERSION,
+                json_body={"value": batch, "count": len(batch), "stepId": self.task_instance_id},
+                expect_json=False,
+            )
+            if answer is None:
+                return False
         return True
 
-    def _feed_lines(self, lines: Iterable[str]) -> list[str]:
+    def _stamped(self, lines: Iterable[str], limit: int | None = None) -> list[str]:
         stamp = self._now().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
         out: list[str] = []
         for line in lines:
             for part in self.scrub(str(line)).splitlines() or [""]:
                 text = f"{stamp} {part.rstrip()}"
-                if len(text) > FEED_LINE_MAX:
-                    text = text[: FEED_LINE_MAX - len(_TRUNCATED)] + _TRUNCATED
+                if limit is not None and len(text) > limit:
+                    text = text[: limit - len(_TRUNCATED)] + _TRUNCATED
                 out.append(text)
         return out
 
     # -- persistent log (§3.2) ----------------------------------------------------------------
 
-    def ensure_log(self, log_id: int | None = None) -> int:
+    def ensure_log(self, log_id: int | None = None) -> int | None:
         """The task's log id: the given or stored one, else a new log attached to the task.
 
         Store the returned id with the run and pass it back on a retried activity, so a second
-        log is never created for the same task.
+        log is never created for the same task. None when the log could not be created.
         """
         if log_id is not None:
             self.log_id = log_id
         if self.log_id is not None:
             return self.log_id
-        created = self._plan_call(
+        created = self.side_call(
+            "log",
             "create log",
             "POST",
             f"{self.plan_base}/logs",
-            TIMELINE_API_VERSION,
+            LOGS_API_VERSION,
             json_body={"path": f"logs\\{self.task_instance_id}"},
         )
         new_id = _json(created).get("id") if created is not None else None
+        if created is not None and not isinstance(new_id, int):
+            self.disable("log", "create log: Azure DevOps answered without a log id")
         if not isinstance(new_id, int):
-            raise CallbackUnavailable(
-                "create log: Azure DevOps answered without a log id", operation="create log"
-            )
+            return None
         self.log_id = new_id
         self.attach_log(new_id)
         return new_id
 
-    def attach_log(self, log_id: int) -> None:
+    def attach_log(self, log_id: int) -> bool:
         """Point the task's timeline record at the log so it stays on the task after the run."""
-        self._patch_record({"log": {"id": log_id}}, operation="attach log")
+        return self._patch_record({"log": {"id": log_id}}, kind="attach", operation="attach log")
 
-    def append_log(self, text: str, log_id: int | None = None) -> None:
-        """Append text (lines separated by newlines) to the task's persistent log."""
+    def append_log(self, text: str, log_id: int | None = None) -> bool:
+        """Append lines to the task's persistent log, each stamped like the server's helper."""
         target = self.ensure_log(log_id)
-        body = self.scrub(text)
-        if body and not body.endswith("\n"):
-            body += "\n"
-        self._plan_call(
-            "append log",
-            "POST",
-            f"{self.plan_base}/logs/{target}",
-            TIMELINE_API_VERSION,
-            data=body.encode("utf-8"),
-            content_type="application/octet-stream",
+        if target is None:
+            return False
+        lines = self._stamped(text.splitlines())
+        if not lines:
+            return True
+        body = "\n".join(lines) + "\n"
+        return (
+            self.side_call(
+                "log",
+                "append log",
+                "POST",
+                f"{self.plan_base}/logs/{target}",
+                LOGS_API_VERSION,
+                data=body.encode("utf-8"),
+                content_type="application/octet-stream",
+            )
+            is not None
         )
 
     # -- timeline records (§4) ----------------------------------------------------------------
 
-    def _patch_record(self, fields: Mapping[str, Any], *, operation: str) -> None:
+    def _patch_record(self, fields: Mapping[str, Any], *, kind: str, operation: str) -> bool:
         record = {"id": self.task_instance_id, **fields}
-        self._plan_call(
+        answer = self.side_call(
+            kind,
             operation,
             "PATCH",
-            f"{self.plan_base}/timelines/{_segment(self.timeline_id)}/records",
-            TIMELINE_API_VERSION,
+            f"{self.timeline_base}/records",
+            RECORDS_API_VERSION,
             json_body={"value": [record], "count": 1},
         )
+        return answer is not None
 
-    def task_state(self) -> str | None:
-        """The task's timeline record: its result once it has one, else its state.
-
-        ``canceled``/``failed``/... mean the pipeline has finished the task without us (a
-        cancelled or timed-out run: no cancel message is ever sent, §5); ``pending`` or
-        ``inProgress`` mean it is still waiting. None when the record is not in the timeline.
-        """
-        response = self._plan_call(
+    def task_record(self) -> dict[str, Any] | None:
+        """The task's timeline record (``state``, ``result``), or None when the timeline does
+        not hold it. Raises DevOpsError when it cannot be read."""
+        response = self.call(
             "read task record",
             "GET",
-            f"{self.plan_base}/timelines/{_segment(self.timeline_id)}/records",
-            TIMELINE_API_VERSION,
+            f"{self.timeline_base}/records",
+            RECORDS_READ_API_VERSION,
+            attempts=min(2, self.max_attempts),
+            max_delay=self.backoff_base * 2,
         )
-        records = _json(response).get("value") if response is not None else None
-        for record in records or []:
+        records = _json(response).get("value")
+        for record in records if isinstance(records, list) else []:
             if (
                 isinstance(record, Mapping)
                 and str(record.get("id", "")).lower() == self.task_instance_id.lower()
             ):
-                result = record.get("result")
-                return (
-                    str(result)
-                    if result
-                    else (str(record["state"]) if record.get("state") else None)
-                )
+                return {"state": record.get("state"), "result": record.get("result")}
         return None
+
+    def task_state(self) -> str | None:
+        """The task record's result once it has one, else its state (None: not in the timeline).
+
+        ``canceled``/``failed``/... mean the pipeline finished the task without us (a cancelled
+        or timed-out run: no cancel message is ever sent, §5); ``pending`` or ``inProgress``
+        mean it still waits.
+        """
+        record = self.task_record()
+        if record is None:
+            return None
+        value = record.get("result") or record.get("state")
+        return str(value) if value else None
+
+    def pipeline_state(self) -> str:
+        """'waiting', 'gone' (the record says the task finished) or 'unknown' (not readable).
+
+        Only this read decides that nobody waits any more; a refused read (token refused,
+        plan not found) turns the check off for the run and stays 'unknown'.
+        """
+        if "record" in self.disabled:
+            return "unknown"
+        try:
+            record = self.task_record()
+        except CallbackRejected as exc:
+            self.disable("record", str(exc))
+            return "unknown"
+        except DevOpsError as exc:
+            log.warning("pipeline check: %s", exc)
+            return "unknown"
+        if record is None or not record.get("state"):
+            return "unknown"
+        return "waiting" if str(record["state"]).lower() in WAITING_STATES else "gone"
+
+    # -- summary tab (record attachment) ------------------------------------------------------
+
+    def attach_summary(self, markdown: str, name: str = "notebookops.md") -> bool:
+        """The task's summary tab: a Markdown record attachment of type
+        Distributedtask.Core.Summary (what ##vso[task.uploadsummary] makes); best effort.
+
+        Route and api-version of TaskClient.create_attachment (azure-devops SDK, v7_1).
+        """
+        url = (
+            f"{self.timeline_base}/records/{_segment(self.task_instance_id)}"
+            f"/attachments/{_segment(SUMMARY_ATTACHMENT_TYPE)}/{_segment(name)}"
+        )
+        answer = self.side_call(
+            "summary",
+            "attach summary",
+            "PUT",
+            url,
+            ATTACHMENTS_API_VERSION,
+            data=self.scrub(markdown).encode("utf-8"),
+            content_type="application/octet-stream",
+        )
+        return answer is not None
 
     # -- test results (devops_tests.py) -------------------------------------------------------
 
@@ -349,28 +491,6 @@ class DevOpsClient:
 
     # -- transport ----------------------------------------------------------------------------
 
-    def _plan_call(
-        self,
-        operation: str,
-        method: str,
-        url: str,
-        api_version: str,
-        **kwargs: Any,
-    ) -> requests.Response | None:
-        # Once the plan has said nobody waits, later calls would only repeat the same 4xx.
-        if self._rejected is not None:
-            raise CallbackRejected(
-                f"{operation}: not sent, Azure DevOps already said the task is no longer waiting "
-                f"(HTTP {self._rejected.status})",
-                operation=operation,
-                status=self._rejected.status,
-            )
-        try:
-            return self.call(operation, method, url, api_version, **kwargs)
-        except CallbackRejected as exc:
-            self._rejected = exc
-            raise
-
     def call(
         self,
         operation: str,
@@ -382,49 +502,69 @@ class DevOpsClient:
         data: bytes | None = None,
         content_type: str | None = None,
         attempts: int | None = None,
+        params: Mapping[str, str] | None = None,
+        expect_json: bool = True,
+        max_delay: float | None = None,
     ) -> requests.Response:
-        """One REST call with the auth header, retried on 5xx/408/429/network errors."""
-        headers = {"Authorization": self._auth_header(), "Accept": "application/json"}
+        """One REST call with the auth header, retried on 5xx/408/429/network errors.
+
+        Raises CallbackAuthFailed (token refused in any of its forms), CallbackRejected (other
+        4xx) or CallbackUnavailable (still failing after ``attempts``); never follows redirects.
+        """
+        headers = {
+            "Authorization": self._auth_header(),
+            "Accept": "application/json",
+            # Without it an unauthenticated call gets a 203 sign-in page instead of a 401.
+            "X-TFS-FedAuthRedirect": "Suppress",
+        }
         if json_body is not None:
             data = _dumps(json_body)
             content_type = "application/json; charset=utf-8"
         if content_type:
             headers["Content-Type"] = content_type
+        query = {"api-version": api_version, **(params or {})}
         limit = attempts or self.max_attempts
         problem = ""
+        retry_after: float | None = None
         for attempt in range(1, limit + 1):
-            retry_after: float | None = None
+            retry_after = None
             try:
                 response = self._session.request(
                     method,
                     url,
-                    params={"api-version": api_version},
+                    params=query,
                     data=data,
                     headers=headers,
                     timeout=self.timeout,
+                    allow_redirects=False,
                 )
             except requests.RequestException as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = _one_line(f"{type(exc).__name__}: {self.scrub(str(exc))}")
             else:
                 status = response.status_code
+                refused = _auth_problem(response, expect_json)
+                if refused:
+                    message = self.scrub(
+                        f"{operation}: authentication failed: {refused}; the pipeline token "
+                        f"was not accepted (expired or without rights), so it is not retried"
+                    )
+                    raise CallbackAuthFailed(message, operation=operation, status=status)
                 if 200 <= status < 300:
                     return response
-                shown = self.scrub(response.text[:_SHOWN_BODY_CHARS]).strip()
+                shown = _one_line(self.scrub(response.text[:_SHOWN_BODY_CHARS]))
                 if status < 500 and status not in _RETRYABLE_4XX:
                     message = self.scrub(
-                        f"{operation}: Azure DevOps answered HTTP {status} for {method} {url}; "
-                        f"the task is no longer waiting (cancelled, timed out, already completed "
-                        f"or the token expired), so it is not retried"
+                        f"{operation}: Azure DevOps answered HTTP {status}"
                         + (f": {shown}" if shown else "")
                     )
-                    log.warning("%s", message)
                     raise CallbackRejected(message, operation=operation, status=status)
                 problem = f"HTTP {status}" + (f": {shown}" if shown else "")
                 retry_after = _retry_after(response)
             if attempt < limit:
-                delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+                cap = self.backoff_max if max_delay is None else min(max_delay, self.backoff_max)
+                delay = min(cap, self.backoff_base * 2 ** (attempt - 1))
                 if retry_after is not None:
-                    delay = min(self.backoff_max, max(delay, retry_after))
+                    delay = min(cap, max(delay, retry_after))
                 log.info(
                     "%s",
                     self.scrub(
@@ -433,12 +573,10 @@ class DevOpsClient:
                     ),
                 )
                 self._sleep(delay)
-        message = self.scrub(
-            f"{operation}: Azure DevOps did not accept {method} {url} after {limit} attempts "
-            f"(last: {problem})"
-        )
-        log.warning("%s", message)
-        raise CallbackUnavailable(message, operation=operation)
+        tries = f"after {limit} attempts" if limit > 1 else "in one attempt"
+        message = self.scrub(f"{operation}: Azure DevOps did not answer {tries} ({problem})")
+        log.info("%s", message)
+        raise CallbackUnavailable(message, operation=operation, retry_after=retry_after)
 
     def _auth_header(self) -> str:
         # §2.1: ServerTaskHelper's form, empty user name and the token as password.
@@ -446,6 +584,38 @@ class DevOpsClient:
 
     def scrub(self, text: str) -> str:
         return redact(text, [self._token])
+
+
+def _auth_problem(response: requests.Response, expect_json: bool) -> str | None:
+    """Why an answer means 'not signed in', or None: 401/403, 203 (the sign-in page the
+    service serves with a 2xx), any redirect, or an HTML page where JSON was expected."""
+    status = response.status_code
+    if status in _AUTH_STATUSES:
+        return f"HTTP {status}"
+    if status == 203:
+        return "HTTP 203 (a sign-in page instead of an answer)"
+    if 300 <= status < 400:
+        return f"HTTP {status} (a redirect, normally to the sign-in page)"
+    if 200 <= status < 300 and (expect_json or response.content):
+        kind = response.headers.get("Content-Type", "").lower()
+        head = response.content[:200].lstrip().lower()
+        if "html" in kind or head.startswith((b"<!doctype html", b"<html")):
+            return f"HTTP {status} with an HTML page where JSON was expected"
+    return None
+
+
+def _outcome(outcome: str, exc: DevOpsError) -> dict[str, Any]:
+    return {
+        "outcome": outcome,
+        "status": exc.status,
+        "error": _one_line(str(exc)),
+        "retryAfter": exc.retry_after,
+    }
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + _TRUNCATED
 
 
 def _segment(value: str) -> str:

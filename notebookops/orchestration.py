@@ -14,7 +14,7 @@ from typing import Any
 
 import azure.durable_functions as df
 
-from notebookops import policy
+from notebookops import delivery, policy
 
 ROUNDS_PER_GENERATION = 10
 # Transient activity errors (network, throttling) are retried by the host; permanent ones
@@ -44,7 +44,8 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
                 context.set_custom_status(policy.custom_status(state, "cloning"))
                 yield from _clone(context, state)
             yield from _started(context, state)
-        if not state["errors"] and not state["canceledByPipeline"]:
+        reporting = state.get("finishedAt") is not None  # a generation that only delivers
+        if not reporting and not state["errors"] and not state["canceledByPipeline"]:
             finished = yield from _run_rounds(context, state)
             if not finished:
                 return None  # continued as new; the next generation goes on
@@ -60,6 +61,7 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
             )
         state["errors"].append(f"orchestration failed: {_first_line(exc)}")
         yield from cancel_created(context, state)
+        state["finishedAt"] = None  # the verdict is decided again, with this error
         for notebook in state["notebooks"]:
             if notebook["state"] not in policy.TERMINAL_STATES:
                 policy.finish(
@@ -102,8 +104,7 @@ def _started(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> 
         {"phase": "started", "lines": policy.started_lines(state), **_callback(state)},
     )
     state["logId"] = result.get("logId")
-    if result.get("pipeline") == "gone":
-        state["canceledByPipeline"] = True
+    note_disabled(state, result)
 
 
 def _callback(state: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +112,18 @@ def _callback(state: dict[str, Any]) -> dict[str, Any]:
     devops = state["request"].get("devops")
     if not devops:
         return {}
-    return {"devops": devops, "auth": state["auth"], "logId": state.get("logId")}
+    return {
+        "devops": devops,
+        "auth": state["auth"],
+        "logId": state.get("logId"),
+        "disabled": state.get("disabledCalls") or {},
+    }
+
+
+def note_disabled(state: dict[str, Any], result: Any) -> None:
+    """Remember side-call kinds an activity saw refused, so later activities skip them."""
+    if isinstance(result, dict) and result.get("disabled"):
+        state["disabledCalls"] = {**(state.get("disabledCalls") or {}), **result["disabled"]}
 
 
 def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
@@ -170,6 +182,7 @@ def _monitor(
         },
     )
     policy.apply_monitor(state, monitor["runs"], context.current_utc_datetime)
+    note_disabled(state, monitor)
     if check:
         state["lastPipelineCheck"] = policy.iso(now)
     if monitor.get("pipeline") == "gone":
@@ -211,6 +224,7 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
         if isinstance(result, Exception):
             # Out of retries (a 429 storm, an outage): that notebook fails, the others go on.
             result = policy.submit_failure(result)
+        note_disabled(state, result)
         if result.get("pollPolicy") and not state.get("pollPolicy"):
             state["pollPolicy"] = result["pollPolicy"]
         policy.mark_submitted(notebook, result, now)
@@ -249,22 +263,93 @@ def cancel_created(context: df.DurableOrchestrationContext, state: dict[str, Any
 
 
 def _report(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
-    summary = policy.summary(state, context.current_utc_datetime)
+    """Publish the results (best effort, once), then deliver TaskCompleted on durable timers.
+
+    The verdict and finishedAt are fixed when reporting starts, so every later generation
+    (continue_as_new while an outage lasts) reports the same summary. Returns the summary,
+    or None after continue_as_new."""
+    # A generation that only delivers holds nothing else, so it may take several attempts;
+    # the generation that ran the notebooks takes one, then continues as new if it failed.
+    fresh = state.get("finishedAt") is not None
+    if state.get("finishedAt") is None:
+        state["finishedAt"] = policy.iso(context.current_utc_datetime)
+        state["published"] = False
+        state["delivery"] = None
+    finished_at = policy.parse(state["finishedAt"])
+    summary = policy.summary(state, finished_at)
     context.set_custom_status(policy.custom_status(state, "reporting"))
-    yield context.call_activity_with_retry(
-        "ActivityReport",
-        ACTIVITY_RETRY,
-        {
-            "phase": "completed",
-            "summary": summary,
-            "skipCallback": state["canceledByPipeline"],
-            **_callback(state),
-        },
-    )
+    if not state.get("published"):
+        try:
+            published = yield context.call_activity_with_retry(
+                "ActivityReport",
+                ACTIVITY_RETRY,
+                {"phase": "publish", "summary": summary, **_callback(state)},
+            )
+            note_disabled(state, published)
+        except Exception:  # noqa: S110 - side calls never decide the verdict
+            pass
+        state["published"] = True
+    if state["request"].get("devops"):
+        if state["canceledByPipeline"]:
+            state["callback"] = {
+                "delivered": False,
+                "attempts": 0,
+                "lastError": "not sent: the task record shows the pipeline stopped waiting",
+            }
+        else:
+            limit = delivery.ATTEMPTS_PER_GENERATION if fresh else 1
+            done = yield from _deliver(context, state, summary["result"], limit)
+            if not done:
+                return None  # continued as new; the next generation goes on delivering
+    summary = policy.summary(state, finished_at)
     context.set_custom_status(policy.custom_status(state, "finished"))
     return summary
 
 
+def _deliver(
+    context: df.DurableOrchestrationContext, state: dict[str, Any], result: str, limit: int
+) -> Generator:
+    """TaskCompleted, one bounded activity attempt at a time, durable timers in between
+    (notebookops.delivery has the rule). True when done, False after continue_as_new."""
+    record = state.get("delivery")
+    if record is None:
+        record = state["delivery"] = delivery.new_delivery(
+            result,
+            state["startedAt"],
+            state["request"].get("timeoutMinutes", 60),
+            policy.parse(state["finishedAt"]),
+        )
+    attempts = 0
+    while not record["done"]:
+        if attempts >= limit:
+            context.continue_as_new({"state": state})
+            return False
+        wake = delivery.next_attempt_at(record)
+        if wake is not None and wake > context.current_utc_datetime:
+            yield context.create_timer(wake)
+        try:
+            answer = yield context.call_activity(
+                "ActivityReport",
+                {
+                    "phase": "deliver",
+                    "result": result,
+                    "attempt": record["attempts"] + 1,
+                    **_callback(state),
+                },
+            )
+        except Exception as exc:
+            answer = {"outcome": "unavailable", "error": f"ActivityReport: {_first_line(exc)}"}
+        delivery.apply(record, answer, context.current_utc_datetime)
+        attempts += 1
+        state["callback"] = delivery.view(record)
+        context.set_custom_status(policy.custom_status(state, "reporting"))
+    state["callback"] = delivery.view(record)
+    return True
+
+
 def _first_line(exc: BaseException) -> str:
-    # Activity failures arrive as "Activity function 'X' failed: Type: msg \n {details}".
-    return str(exc).strip().split("\n")[0].strip()
+    # Activity failures arrive as "Activity function 'X' failed: Type: msg \n {details}";
+    # people get the first line only, never a nested stack trace.
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    return first if len(first) <= 300 else first[:299] + "…"

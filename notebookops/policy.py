@@ -438,6 +438,7 @@ def custom_status(state: dict[str, Any], phase: str) -> dict[str, Any]:
         "counts": counts(state),
         "notebooks": [_progress(n) for n in state["notebooks"]],
         "errors": state["errors"],
+        "callback": state.get("callback"),
     }
 
 
@@ -501,6 +502,8 @@ def summary(state: dict[str, Any], finished_at: datetime) -> dict[str, Any]:
             }
             for n in state["notebooks"]
         ],
+        # {delivered, attempts, lastError} once the run reports to a pipeline, else None.
+        "callback": state.get("callback"),
     }
 
 

@@ -9,6 +9,7 @@ Back-off delays are injected (a recording ``sleep``), so nothing here sleeps for
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import pickle
 import socket
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from notebookops.devops import (
+    CallbackAuthFailed,
     CallbackRejected,
     CallbackUnavailable,
     DevOpsClient,
@@ -70,8 +72,9 @@ def test_task_completed_is_one_exact_request(devops: FakeDevOps, trailing_slash:
     (request,) = devops.requests
     assert request.method == "POST"
     assert request.path == plan_path(devops) + "/events"
-    assert request.query == {"api-version": ["2.0-preview.1"]}
+    assert request.query == {"api-version": ["7.1"]}  # Events_Post in the 7.1 Swagger
     assert request.header("Content-Type").startswith("application/json")
+    assert request.header("X-TFS-FedAuthRedirect") == "Suppress"
     scheme, _, encoded = request.header("Authorization").partition(" ")
     assert scheme == "Basic"
     assert base64.b64decode(encoded).decode() == ":" + TOKEN
@@ -171,14 +174,17 @@ def test_log_is_created_once_attached_and_appended(devops: FakeDevOps) -> None:
 
     creates = devops.requests_to("/logs", "POST")
     create = next(r for r in creates if r.path.endswith("/logs"))
-    assert create.query == {"api-version": ["4.1"]}
+    assert create.query == {"api-version": ["7.1"]}
     assert create.json() == {"path": f"logs\\{devops.task_instance_id}"}
     assert sum(r.path.endswith("/logs") for r in creates) == 1
 
     appends = [r for r in creates if r.path.endswith(f"/logs/{log_id}")]
     assert len(appends) == 2
     assert all(r.header("Content-Type") == "application/octet-stream" for r in appends)
-    assert devops.log_text() == "first line\nsecond line\nthird line\n"
+    # Each line stamped like the lines the server's own helper writes.
+    lines = devops.log_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["first line", "second line", "third line"]
+    assert all(line.split(" ", 1)[0].endswith("Z") for line in lines)
 
     (patch,) = devops.requests_to("/records", "PATCH")
     assert patch.path == plan_path(devops) + f"/timelines/{devops.timeline_id}/records"
@@ -193,7 +199,7 @@ def test_a_retried_activity_reuses_the_stored_log(devops: FakeDevOps) -> None:
     log_id = client_for(devops).ensure_log()
     client_for(devops).append_log("after a retry", log_id=log_id)
     assert sum(r.path.endswith("/logs") for r in devops.requests) == 1
-    assert devops.log_text() == "after a retry\n"
+    assert devops.log_text().endswith(" after a retry\n")
 
 
 # -- task state (cancellation detection) --------------------------------------------------------
@@ -205,7 +211,7 @@ def test_task_state_reads_the_task_record(devops: FakeDevOps) -> None:
     (request,) = devops.requests
     assert request.method == "GET"
     assert request.path == plan_path(devops) + f"/timelines/{devops.timeline_id}/records"
-    assert request.query == {"api-version": ["4.1"]}
+    assert request.query == {"api-version": ["7.1-preview.1"]}  # TaskClient.get_records
 
     devops.set_task_record(state="completed", result="canceled")
     assert client.task_state() == "canceled"
@@ -261,25 +267,111 @@ def test_retries_stop_after_max_attempts(devops: FakeDevOps, sleeps: Sleeps) -> 
     assert devops.task_completed_events() == []
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 409])
-def test_other_4xx_means_no_longer_waiting_logged_once_never_retried(
-    devops: FakeDevOps, sleeps: Sleeps, status: int, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("status", [400, 404, 409])
+def test_other_4xx_is_rejected_never_retried(
+    devops: FakeDevOps, sleeps: Sleeps, status: int
 ) -> None:
     devops.fail_next("/events", [status])
     client = client_for(devops, sleeps)
-    with caplog.at_level(logging.INFO, logger="notebookops"):
-        with pytest.raises(CallbackRejected) as raised:
-            client.task_completed("succeeded")
-        assert raised.value.status == status
-        # Later calls on the same plan do not knock again and do not log again.
-        assert client.feed(["still there?"]) is False
-        with pytest.raises(CallbackRejected):
-            client.append_log("text")
+    with pytest.raises(CallbackRejected) as raised:
+        client.task_completed("succeeded")
+    assert raised.value.status == status
     assert len(devops.requests) == 1
     assert sleeps == []
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1
-    assert f"HTTP {status}" in warnings[0].getMessage()
+
+
+def test_a_rejected_side_call_disables_only_its_own_kind(
+    devops: FakeDevOps, sleeps: Sleeps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 400 on the feed used to make the client refuse every later call, TaskCompleted too."""
+    devops.always("/feed", 400)
+    client = client_for(devops, sleeps)
+    with caplog.at_level(logging.INFO, logger="notebookops"):
+        assert client.feed(["one"]) is False
+        assert client.feed(["two"]) is False  # not knocked on again
+        assert client.append_log("still logged") is True
+        outcome = client.try_task_completed("succeeded")
+    assert outcome["outcome"] == "accepted"
+    assert [e["result"] for e in devops.task_completed_events()] == ["succeeded"]
+    assert len(devops.requests_to("/feed")) == 1
+    assert set(client.disabled) == {"feed"} and client.newly_disabled == client.disabled
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "HTTP 400" in warnings[0] and "feed" in warnings[0]
+    # The next activity of the run gets the mapping back and stays quiet.
+    later = client_for(devops, sleeps, disabled=client.disabled)
+    assert later.feed(["three"]) is False and len(devops.requests_to("/feed")) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [("signin", 203), ("redirect", 302), ("html", 200), (401, 401), (403, 403)],
+)
+def test_authentication_failures_are_failures_never_success(
+    devops: FakeDevOps, sleeps: Sleeps, answer: object, status: int
+) -> None:
+    devops.fail_next("/events", [answer])
+    client = client_for(devops, sleeps)
+    outcome = client.try_task_completed("succeeded")
+    assert outcome["outcome"] == "auth" and outcome["status"] == status
+    assert "authentication failed" in outcome["error"] and "TaskCompleted" in outcome["error"]
+    assert len(devops.requests) == 1 and sleeps == []  # a sign-in page is not retried
+    # The redirect was not followed to the sign-in host.
+    assert all(r.path.startswith("/fabrikam/") for r in devops.requests)
+    with pytest.raises(CallbackAuthFailed):
+        devops.fail_next("/feed", [answer])
+        client.call("feed", "POST", client.plan_base + "/feed-probe", "7.1", json_body={})
+
+
+def test_an_expired_token_gets_401_because_the_client_suppresses_the_sign_in_page(
+    devops: FakeDevOps,
+) -> None:
+    devops.expire_token()
+    client = client_for(devops)
+    outcome = client.try_task_completed("failed")
+    assert (outcome["outcome"], outcome["status"]) == ("auth", 401)
+    assert client.pipeline_state() == "unknown"  # refused read: never "gone"
+    assert "record" in client.disabled
+    # Without the header the same call gets the sign-in page with a 203.
+    import requests
+
+    answer = requests.get(
+        client.timeline_base + "/records", params={"api-version": "7.1"}, timeout=5
+    )
+    assert answer.status_code == 203 and "Sign In" in answer.text
+
+
+def test_one_attempt_reports_an_outage_with_its_retry_after(devops: FakeDevOps) -> None:
+    devops.outage(60)
+    client = client_for(devops)
+    outcome = client.try_task_completed("succeeded")
+    assert outcome["outcome"] == "unavailable" and outcome["retryAfter"] == 30.0
+    assert len(devops.requests) == 1
+    devops.outage(60, mode="unreachable")
+    outcome = client.try_task_completed("succeeded")
+    assert outcome["outcome"] == "unavailable" and "ConnectionError" in outcome["error"]
+    assert devops.task_completed_events() == []
+
+
+def test_the_fake_refuses_fields_the_swagger_does_not_declare(devops: FakeDevOps) -> None:
+    client = client_for(devops)
+    with pytest.raises(CallbackRejected, match="RunCreateModel declares no field startedDate"):
+        client.call(
+            "create test run",
+            "POST",
+            client.project_base + "/_apis/test/runs",
+            "7.1",
+            json_body={"name": "x", "startedDate": "2026-01-01T00:00:00Z"},
+        )
+    with pytest.raises(CallbackRejected, match="TaskCompleted declares no field message"):
+        client.call(
+            "TaskCompleted",
+            "POST",
+            client.plan_base + "/events",
+            "7.1",
+            json_body={"name": "TaskCompleted", "jobId": devops.job_id, "message": "hi"},
+        )
+    with pytest.raises(CallbackRejected, match=r"declared with '7\.1'"):
+        client.call("events", "POST", client.plan_base + "/events", "2.0-preview.1", json_body={})
 
 
 def test_a_cancelled_run_rejects_plan_calls(devops: FakeDevOps) -> None:
@@ -457,7 +549,7 @@ def test_publish_test_results_one_run_one_result_per_notebook(
     }
     assert versions[("POST", "runs")] == "7.1"
     assert versions[("POST", "results")] == "7.1"
-    assert versions[("POST", "attachments")] == "7.1-preview.1"
+    assert versions[("POST", "attachments")] == "7.1"  # test.json declares 7.1
     assert versions[("PATCH", str(run_id))] == "7.1"
     assert all(
         r.path.startswith(f"/fabrikam/{devops.project_id}/_apis/test/") for r in devops.requests
@@ -498,6 +590,60 @@ def test_a_missing_executed_notebook_only_skips_its_attachment(
     assert counts["nb/ok.ipynb"] == counts["nb/flaky.ipynb"] == 1
 
 
+def test_a_rerun_report_finds_its_own_test_run_and_adds_nothing_twice(
+    devops: FakeDevOps, tmp_path: Path
+) -> None:
+    summary = _summary(tmp_path)
+    first = client_for(devops).publish_test_results(summary, output_under(tmp_path))
+    again = client_for(devops).publish_test_results(summary, output_under(tmp_path))
+    assert first == again
+    (run,) = devops.test_runs()
+    assert len(run["results"]) == len(summary["notebooks"])
+    (listing,) = [r for r in devops.requests_to("/_apis/test/runs", "GET")][-1:]
+    assert listing.query["buildUri"] == ["vstfs:///Build/Build/4242"]
+    assert run["startDate"] == "2026-05-01T10:00:00Z"  # RunCreateModel's name for it
+
+
+def test_a_run_left_half_published_gets_only_the_missing_results(
+    devops: FakeDevOps, tmp_path: Path
+) -> None:
+    summary = _summary(tmp_path)
+    devops.fail_next("/results", [503, 503], method="POST")  # the first report gave up here
+    client_for(devops).publish_test_results(summary, output_under(tmp_path))
+    (run,) = devops.test_runs()
+    assert run["results"] == [] and run["state"] == "Completed"
+    devops.runs[run["id"]]["state"] = "InProgress"  # as if the crash came before completing
+    client_for(devops).publish_test_results(summary, output_under(tmp_path))
+    (run,) = devops.test_runs()
+    assert [r["automatedTestName"] for r in run["results"]] == [
+        n["path"] for n in summary["notebooks"]
+    ]
+    assert run["state"] == "Completed"
+
+
+def test_the_summary_tab_is_a_record_attachment_of_the_summary_type(devops: FakeDevOps) -> None:
+    client = client_for(devops)
+    assert client.attach_summary("### Notebooks\n| a | b |\n")
+    (request,) = devops.requests
+    assert request.method == "PUT"
+    assert request.path == (
+        plan_path(devops) + f"/timelines/{devops.timeline_id}/records/{devops.task_instance_id}"
+        "/attachments/Distributedtask.Core.Summary/notebookops.md"
+    )
+    assert request.query == {"api-version": ["7.1-preview.1"]}  # TaskClient.create_attachment
+    assert request.header("Content-Type") == "application/octet-stream"
+    (attachment,) = devops.summary_attachments()
+    assert attachment["content"] == "### Notebooks\n| a | b |\n"
+
+
+def test_a_refused_summary_never_blocks_task_completed(devops: FakeDevOps) -> None:
+    devops.always("/attachments/", 404)
+    client = client_for(devops)
+    assert client.attach_summary("x") is False
+    assert client.try_task_completed("succeeded")["outcome"] == "accepted"
+    assert set(client.disabled) == {"summary"}
+
+
 # -- the token never leaks -----------------------------------------------------------------------
 
 
@@ -515,9 +661,9 @@ def test_the_token_appears_in_no_log_exception_repr_or_output(
         summary["notebooks"][1]["error"]["evalue"] = f"bad token {TOKEN}"
         client.publish_test_results(summary, output_under(tmp_path))
         devops.fail_next("/events", [500, 500])
-        with pytest.raises(CallbackUnavailable) as unavailable:
-            client.task_started()
-        seen += [str(unavailable.value), repr(unavailable.value)]
+        assert client.task_started() is False  # a side call: logged, never raised
+        devops.fail_next("/events", [503])
+        seen.append(json.dumps(client.try_task_completed("succeeded")))
         devops.fail_next("/events", [404])
         with pytest.raises(CallbackRejected) as rejected:
             client.task_completed("succeeded")

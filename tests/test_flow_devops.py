@@ -7,11 +7,15 @@ the in-process fake backend on a virtual clock, so deadlines and cancellation ta
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from datetime import timedelta
 
 import pytest
 
+from devhost import VirtualClock
+from devhost.events import EXECUTION_STARTED
 from notebookops.report import junit_xml
 from tests.devhost_support import http
 from tests.fake_devops import FakeDevOps
@@ -127,6 +131,8 @@ def test_pipeline_cancelled_mid_run_stops_runs_without_a_callback(flow_env, repo
         status = host.wait_for(instance, 60)
     assert status["output"]["result"] == "canceled"
     assert devops.task_completed_events() == []
+    assert devops.task_completed_attempts() == []  # truly gone: nothing is sent
+    assert status["output"]["callback"]["delivered"] is False
     slow = next(n for n in status["output"]["notebooks"] if n["path"] == "nb/slow.ipynb")
     assert slow["state"] == "canceled"
     assert FakeBackend.runs[slow["runId"]]["state"] == "canceled"
@@ -169,6 +175,8 @@ def test_404_means_no_longer_waiting_and_is_not_retried(flow_env, repo, devops, 
         r for r in devops.requests_to("/events", method="POST") if b"TaskCompleted" in r.body
     ]
     assert len(completed) <= 1  # one attempt at most, answered 404, never looped
+    callback = status["output"]["callback"]
+    assert callback["delivered"] is False and "HTTP 404" in callback["lastError"]
 
 
 def test_callback_timing_out_is_retried_and_lands_once(flow_env, repo, devops, monkeypatch, caplog):
@@ -191,21 +199,158 @@ def test_callback_timing_out_is_retried_and_lands_once(flow_env, repo, devops, m
     assert TOKEN not in caplog.text
 
 
-def test_callback_never_answering_fails_the_instance_with_a_clear_reason(
-    flow_env, repo, devops, monkeypatch, caplog
+def _wait_for_feed(host, devops, text="submitted"):
+    while text not in "\n".join(devops.feed_lines()):
+        host.wait_for  # noqa: B018
+
+
+def _seen(status, caplog, host, instance):
+    full = host.get_status(instance, show_history=True, show_history_output=True)
+    return [json.dumps(status), json.dumps(full), caplog.text]
+
+
+def test_a_callback_that_never_lands_gives_up_at_the_horizon_and_completes(flow_env, repo, caplog):
+    """503 for ever: TaskCompleted is tried on durable timers (virtual clock) up to the
+    horizon, history stays bounded across generations, and the run still ends Completed with
+    its notebook results and a readable callback.lastError."""
+    body = body_for(repo, ["nb/a.ipynb"], timeoutMinutes=30)
+    sizes = []
+    clock = VirtualClock()
+    with (
+        FakeDevOps(token=TOKEN, clock=clock.now) as devops,
+        caplog.at_level(logging.INFO),
+        app_host(flow_env / "state", clock=clock) as host,
+    ):
+        instance = deliver(host, body, properties=devops.properties())
+        _wait_for_feed(host, devops)
+        devops.always("/events", 503, method="POST")
+        while (status := host.get_status(instance))["runtimeStatus"] not in ("Completed", "Failed"):
+            sizes.append(len(host.history(instance)))
+        history = host.history(instance)
+        seen = _seen(status, caplog, host, instance)
+    output = status["output"]
+    assert status["runtimeStatus"] == "Completed"
+    assert output["result"] == "succeeded"
+    assert [n["state"] for n in output["notebooks"]] == ["succeeded"]
+    callback = output["callback"]
+    assert callback["delivered"] is False
+    assert callback["attempts"] > 20  # more than one generation's worth
+    assert "\n" not in callback["lastError"] and "HTTP 503" in callback["lastError"]
+    assert "horizon" in callback["lastError"]
+    assert devops.task_completed_events() == []
+    attempts = devops.task_completed_attempts()
+    assert len(attempts) == callback["attempts"]
+    # Horizon: an hour after the run's own deadline (started + 30 minutes).
+    span = attempts[-1].at - attempts[0].at
+    assert timedelta(minutes=80) <= span <= timedelta(minutes=95)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(attempts)]
+    assert max(gaps) <= timedelta(minutes=5, seconds=1)
+    generation = next(e for e in history if e["EventType"] == EXECUTION_STARTED)["Generation"]
+    assert generation >= 1  # counted from 0: delivery went on in a fresh history
+    assert max(sizes) <= 150
+    assert all(TOKEN not in text for text in seen)
+
+
+@pytest.mark.parametrize("mode", ["503", "unreachable"])
+def test_an_hour_long_outage_then_recovery_delivers_exactly_once_within_minutes(
+    flow_env, repo, mode, caplog
 ):
-    monkeypatch.setenv("NOTEBOOKOPS_DEVOPS_TIMEOUT_SECONDS", "0.2")
+    clock = VirtualClock()
+    body = body_for(repo, ["nb/a.ipynb", "nb/b.ipynb"], timeoutMinutes=60)
+    with (
+        FakeDevOps(token=TOKEN, clock=clock.now) as devops,
+        caplog.at_level(logging.INFO),
+        app_host(flow_env / "state", clock=clock) as host,
+    ):
+        instance = deliver(host, body, properties=devops.properties())
+        _wait_for_feed(host, devops)
+        recovery = devops.outage(3600, mode=mode)
+        status = host.wait_for(instance, 120)
+        seen = _seen(status, caplog, host, instance)
+    assert status["runtimeStatus"] == "Completed"
+    assert [e["result"] for e in devops.task_completed_events()] == ["failed"]
+    (accepted,) = [r for r in devops.task_completed_attempts() if 200 <= r.status < 300]
+    assert recovery <= accepted.at <= recovery + timedelta(minutes=5)
+    callback = status["output"]["callback"]
+    assert callback["delivered"] is True and callback["lastError"] is None
+    assert callback["attempts"] == len(devops.task_completed_attempts()) > 5
+    # The notebooks were not cancelled because the feed or the record read failed.
+    assert {n["path"]: n["state"] for n in status["output"]["notebooks"]} == {
+        "nb/a.ipynb": "succeeded",
+        "nb/b.ipynb": "failed",
+    }
+    assert all(TOKEN not in text for text in seen)
+
+
+@pytest.mark.parametrize(
+    ("path", "answer", "method"),
+    [
+        ("/feed", 400, None),
+        ("/feed", 404, None),
+        ("/logs", 400, "POST"),
+        ("/logs/", 404, "POST"),
+        ("/records", "signin", "PATCH"),
+        ("/feed", "redirect", None),
+        ("/_apis/test/", 401, None),
+        ("/attachments/", "html", None),
+    ],
+)
+def test_a_rejected_side_call_never_costs_the_verdict(
+    flow_env, repo, devops, path, answer, method, caplog
+):
+    """A feed, log, attach, test-result or summary call answered with a 4xx or a sign-in page
+    used to make every later call fail, TaskCompleted included (or read as 'gone')."""
+    devops.always(path, answer, method=method)
+    with caplog.at_level(logging.WARNING, logger="notebookops"):
+        status = run(flow_env, devops, body_for(repo, ["nb/a.ipynb"]))
+    assert status["runtimeStatus"] == "Completed"
+    assert status["output"]["notebooks"][0]["state"] == "succeeded"
+    assert [e["result"] for e in devops.task_completed_events()] == ["succeeded"]
+    assert status["output"]["callback"] == {"delivered": True, "attempts": 1, "lastError": None}
+    # Refused once, logged once, not knocked on again for the rest of the run.
+    refused = devops.requests_to(path, method)  # every one of them gets the refusal
+    assert len(refused) == 1
+    assert sum("no more" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_sign_in_page_on_task_completed_is_retried_a_few_times_then_lands(flow_env, repo, devops):
+    body = body_for(repo, ["nb/a.ipynb"])
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body, properties=devops.properties())
+        _wait_for_feed(host, devops)
+        devops.fail_next("/events", ["signin", "redirect"], method="POST")
+        status = host.wait_for(instance, 60)
+    assert [e["result"] for e in devops.task_completed_events()] == ["succeeded"]
+    assert [r.status for r in devops.task_completed_attempts()] == [203, 302, 204]
+    assert status["output"]["callback"]["delivered"] is True
+
+
+def test_an_expired_token_ends_completed_without_a_hang_and_says_why(
+    flow_env, repo, devops, caplog
+):
     body = body_for(repo, ["nb/a.ipynb"])
     with caplog.at_level(logging.INFO), app_host(flow_env / "state") as host:
         instance = deliver(host, body, properties=devops.properties())
-        while "submitted" not in "\n".join(devops.feed_lines()):
-            host.wait_for  # noqa: B018
-        devops.fail_next("/events", statuses=[503] * 1000)
-        status = host.wait_for(instance, 120)
-    assert status["runtimeStatus"] == "Failed"
-    assert "ActivityReport" in status["output"] and "CallbackUnavailable" in status["output"]
-    assert TOKEN not in status["output"] and TOKEN not in caplog.text
-    assert devops.task_completed_events() == []
+        _wait_for_feed(host, devops)
+        devops.expire_token()
+        status = host.wait_for(instance, 60)
+        seen = _seen(status, caplog, host, instance)
+    assert status["runtimeStatus"] == "Completed"
+    assert status["output"]["notebooks"][0]["state"] == "succeeded"  # not read as "gone"
+    callback = status["output"]["callback"]
+    assert callback["delivered"] is False and callback["attempts"] == 3
+    assert "authentication failed" in callback["lastError"]
+    assert "HTTP 401" in callback["lastError"]
+    assert len(devops.task_completed_attempts()) == 3
+    assert all(r.header("X-TFS-FedAuthRedirect") == "Suppress" for r in devops.requests)
+    assert all(TOKEN not in text for text in seen)
+
+
+def test_errors_are_one_line_each_and_the_run_keeps_its_results(flow_env, repo, devops):
+    status = run(flow_env, devops, body_for(repo, ["nb/missing.ipynb"]))
+    assert status["runtimeStatus"] == "Completed"
+    assert status["output"]["errors"] and all("\n" not in e for e in status["output"]["errors"])
+    assert status["output"]["callback"]["delivered"] is True
 
 
 def test_the_token_is_nowhere_a_person_can_see(flow_env, repo, devops, caplog):
