@@ -106,6 +106,7 @@ class Progress:
                 lines.append(f"{notebook['path']}: {notebook['state']}")
         if phase != self.phase and phase == "reporting":
             lines.append("reporting...")
+        lines += callback_lines(custom.get("callback"), self.seen)
         self.phase = phase
         for line in lines:
             self._clear_bar()
@@ -233,6 +234,8 @@ def run(
     keep_what_is_known(summary, request)
     _write_outputs(summary, out, junit_xml, state_dir if state else None)
     print(summary_table(summary))
+    if summary.get("callback"):
+        print(callback_outcome(summary["callback"]))
     print(f"wrote {out / 'summary.json'}, {out / 'junit.xml'} and {out / 'notebooks'}/")
     _print_rendered(summary, out)
     if not state:
@@ -334,6 +337,27 @@ def _not_run(path: str, why: str) -> dict[str, Any]:
         "message": f"not run: {why}",
         "outputNotebook": None,
     }
+
+
+def callback_lines(callback: dict[str, Any] | None, seen: dict[str, Any]) -> list[str]:
+    """One line per TaskCompleted attempt the orchestration reports in its custom status."""
+    if not callback or callback.get("attempts", 0) == seen.get("callback attempts", 0):
+        return []
+    seen["callback attempts"] = callback["attempts"]
+    if callback.get("delivered"):
+        return [f"TaskCompleted attempt {callback['attempts']}: accepted"]
+    line = f"TaskCompleted attempt {callback['attempts']}: {callback.get('lastError')}"
+    if callback.get("nextAttemptAt"):
+        line += f"; next attempt at {callback['nextAttemptAt']}"
+    return [line]
+
+
+def callback_outcome(callback: dict[str, Any]) -> str:
+    if callback.get("delivered"):
+        return f"pipeline: TaskCompleted accepted after {callback['attempts']} attempt(s)"
+    return (
+        f"pipeline: not told after {callback['attempts']} attempt(s): {callback.get('lastError')}"
+    )
 
 
 def _follow(host: Any, instance_id: str, progress: Progress) -> dict[str, Any]:

@@ -192,6 +192,7 @@ class FakeDevOps:
         self._rules: list[_Rule] = []
         self._not_waiting: int | None = None
         self._outage: tuple[datetime, datetime, str] | None = None
+        self._armed: tuple[float, str, bytes] | None = None
         self._expired = False
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -281,14 +282,22 @@ class FakeDevOps:
         with self._lock:
             self._rules.append(_Rule(path_substring, method, delay=seconds, times=times))
 
-    def outage(self, seconds: float, mode: str = "503") -> datetime:
+    def outage(
+        self, seconds: float, mode: str = "503", *, trigger: bytes | None = None
+    ) -> datetime | None:
         """From now (on ``clock``) for ``seconds``: every request answers 503 with a
-        Retry-After, or (``"unreachable"``) the connection closes unanswered. Returns its end."""
+        Retry-After, or (``"unreachable"``) the connection closes unanswered. Returns its end.
+
+        With ``trigger`` the window opens at the first request whose body contains it (e.g.
+        b'"TaskCompleted"'), and None is returned."""
         if mode not in ("503", "unreachable"):
             raise ValueError(f"outage mode: expected '503' or 'unreachable', got {mode!r}")
-        start = self.clock()
-        end = start + timedelta(seconds=seconds)
         with self._lock:
+            if trigger is not None:
+                self._armed = (seconds, mode, trigger)
+                return None
+            start = self.clock()
+            end = start + timedelta(seconds=seconds)
             self._outage = (start, end, mode)
         return end
 
@@ -383,8 +392,16 @@ class FakeDevOps:
                     return None, rule.delay
         return None, 0.0
 
-    def _in_outage(self) -> str | None:
+    def _in_outage(self, record: Recorded) -> str | None:
         with self._lock:
+            if self._armed is not None and self._armed[2] in record.body:
+                seconds, mode, _ = self._armed
+                self._armed = None
+                self._outage = (
+                    record.at or self.clock(),
+                    self.clock() + timedelta(seconds=seconds),
+                    mode,
+                )
             if self._outage is None:
                 return None
             start, end, mode = self._outage
@@ -392,7 +409,7 @@ class FakeDevOps:
         return mode if start <= now < end else None
 
     def _handle(self, record: Recorded) -> tuple[Answer, Any, str]:
-        outage = self._in_outage()
+        outage = self._in_outage(record)
         if outage == "unreachable":
             return "drop", None, ""
         if outage:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -347,8 +349,11 @@ def test_an_expired_token_ends_completed_without_a_hang_and_says_why(
 
 
 def test_errors_are_one_line_each_and_the_run_keeps_its_results(flow_env, repo, devops):
-    status = run(flow_env, devops, body_for(repo, ["nb/missing.ipynb"]))
+    body = body_for(repo, ["nb/a.ipynb"])
+    body["repository"]["ref"] = "no-such-branch"
+    status = run(flow_env, devops, body)
     assert status["runtimeStatus"] == "Completed"
+    assert status["output"]["result"] == "failed"
     assert status["output"]["errors"] and all("\n" not in e for e in status["output"]["errors"])
     assert status["output"]["callback"]["delivered"] is True
 
@@ -397,3 +402,66 @@ def test_http_starter_refuses_an_invalid_message_without_callback_values(flow_en
         code, body, _ = http("POST", f"{host.base_url}/api/runs", {"notebooks": ["a.ipynb"]})
     assert code == 400
     assert any("repository" in e for e in body["errors"])
+
+
+@pytest.mark.slow
+def test_run_with_properties_prints_the_delivery_attempts_through_an_outage(tmp_path):
+    """`python -m notebookops run --properties` as a user runs it, against the fake in outage
+    mode: the fake stops answering at the first TaskCompleted for 4 s (real clock, a real
+    kernel); the command shows each attempt and ends with one accepted TaskCompleted."""
+    import subprocess
+    import sys
+
+    from tests.gitrepos import file_url, notebook
+
+    repo = make_repo(tmp_path / "repo", {"nb/ok.ipynb": notebook("x = 1 + 1")})
+    body = tmp_path / "body.json"
+    body.write_text(
+        json.dumps(
+            {
+                "repository": {"url": file_url(repo), "ref": "main"},
+                "notebooks": ["nb/ok.ipynb"],
+                "compute": {"backend": "local"},
+            }
+        )
+    )
+    gitconfig = tmp_path / "gitconfig"
+    gitconfig.write_text("")
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "GIT_CONFIG_GLOBAL": str(gitconfig),
+        "NOTEBOOKOPS_CHECKOUT_DIR": str(tmp_path / "checkouts"),
+    }
+    with FakeDevOps(token=TOKEN) as devops:
+        devops.outage(4, mode="unreachable", trigger=b'"TaskCompleted"')
+        props = tmp_path / "props.json"
+        props.write_text(json.dumps(devops.properties()))
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "notebookops",
+                "run",
+                str(body),
+                "--properties",
+                str(props),
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TaskCompleted attempt 1: TaskCompleted: Azure DevOps did not answer" in done.stdout
+    assert "next attempt at" in done.stdout
+    assert "pipeline: TaskCompleted accepted after 2 attempt(s)" in done.stdout
+    assert [e["result"] for e in devops.task_completed_events()] == ["succeeded"]
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["callback"] == {"delivered": True, "attempts": 2, "lastError": None}
+    for text in (done.stdout, done.stderr, json.dumps(summary)):
+        assert TOKEN not in text
