@@ -375,7 +375,11 @@ def report(payload: dict[str, Any]) -> dict[str, Any]:
     log.info("run %s finished: %s\n%s", summary["instanceId"], summary["result"], "\n".join(table))
     if client is None:
         return {"published": False}
-    _tell(client, table)
+    if client.results_reported():
+        log.info("run %s: the final table was already posted", summary["instanceId"])
+    else:
+        _tell(client, table)
+        client.mark_results_reported()
     # Nothing below may raise: a retried activity would post the final table a second time.
     try:
         client.publish_test_results(summary, _output_resolver(summary))

@@ -62,6 +62,8 @@ RECORDS_READ_API_VERSION = "7.1-preview.1"
 ATTACHMENTS_API_VERSION = "7.1-preview.1"
 FEED_API_VERSION = "4.1"
 SUMMARY_ATTACHMENT_TYPE = "Distributedtask.Core.Summary"
+# The task record's currentOperation once the final table is out (TimelineRecord declares it).
+REPORTED_MARK = "notebookops: results reported, completing the task"
 
 TASK_RESULTS = ("succeeded", "succeededWithIssues", "failed", "canceled")
 # The kinds of best-effort calls; each is disabled on its own after a rejection.
@@ -415,8 +417,28 @@ class DevOpsClient:
                 isinstance(record, Mapping)
                 and str(record.get("id", "")).lower() == self.task_instance_id.lower()
             ):
-                return {"state": record.get("state"), "result": record.get("result")}
+                return {
+                    "state": record.get("state"),
+                    "result": record.get("result"),
+                    "currentOperation": record.get("currentOperation"),
+                }
         return None
+
+    def results_reported(self) -> bool:
+        """Whether an earlier run of the report already posted the final table: it leaves
+        REPORTED_MARK as the task record's currentOperation. False when it cannot tell."""
+        if "record" in self.disabled:
+            return False
+        try:
+            record = self.task_record()
+        except DevOpsError:
+            return False
+        return bool(record) and record.get("currentOperation") == REPORTED_MARK
+
+    def mark_results_reported(self) -> bool:
+        return self._patch_record(
+            {"currentOperation": REPORTED_MARK}, kind="attach", operation="mark reported"
+        )
 
     def task_state(self) -> str | None:
         """The task record's result once it has one, else its state (None: not in the timeline).

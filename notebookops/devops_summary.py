@@ -60,8 +60,8 @@ def summary_markdown(summary: dict[str, Any], link: str | None = None) -> str:
             error = notebook.get("error") or {}
             cell = error.get("cellIndex")
             seconds = notebook.get("durationSeconds")
-            state = str(notebook.get("state") or "")
-            if notebook.get("allowFailure") and state != "succeeded":
+            state = _escape(str(notebook.get("state") or ""))
+            if notebook.get("allowFailure") and notebook.get("state") != "succeeded":
                 state += " (allowed)"
             detail = error_line(dict(notebook)) if notebook.get("state") != "succeeded" else ""
             lines.append(
@@ -69,7 +69,7 @@ def summary_markdown(summary: dict[str, Any], link: str | None = None) -> str:
                 + " | ".join(
                     (
                         _escape(str(notebook.get("path") or "")),
-                        _escape(state),
+                        state,
                         f"{seconds:.1f} s" if isinstance(seconds, int | float) else "",
                         str(cell) if isinstance(cell, int) else "",
                         _escape(detail[:300]),

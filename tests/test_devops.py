@@ -682,3 +682,76 @@ def test_the_token_appears_in_no_log_exception_repr_or_output(
         assert TOKEN not in text
         assert basic not in text
     assert "***" in devops.log_text() and any("***" in line for line in devops.feed_lines())
+
+
+# -- the summary tab -----------------------------------------------------------------------------
+
+
+def test_summary_markdown_lists_every_notebook_and_links_the_status_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from notebookops.devops_summary import summary_markdown
+
+    monkeypatch.setenv("NOTEBOOKOPS_PUBLIC_URL", "https://nbops.example.net/")
+    summary = _summary(tmp_path)
+    summary["notebooks"][1]["error"]["evalue"] = "<script>alert(1)</script> | [x](javascript:y)"
+    text = summary_markdown(summary)
+    lines = text.splitlines()
+    assert lines[0] == "### Notebooks: ❌ failed"
+    rows = [line for line in lines if line.startswith("| nb/")]
+    assert len(rows) == len(summary["notebooks"])
+    broken = next(r for r in rows if r.startswith("| nb/broken.ipynb"))
+    assert "| failed | 3.0 s | 3 |" in broken
+    # Notebook text cannot open a tag, a link or a new table cell.
+    assert "<script>" not in text and "\\<script\\>" in broken
+    assert "\\|" in broken and "\\[x\\]\\(javascript:y\\)" in broken
+    assert broken.count(" | ") == 4
+    assert "| nb/flaky.ipynb | failed (allowed) |" in text
+    assert text.rstrip().endswith(
+        "[Status page with every notebook](https://nbops.example.net/api/runs/nbops-0123456789abcdef)"
+    )
+
+
+def test_summary_link_falls_back_to_the_function_app_host_name_or_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from notebookops.devops_summary import summary_markdown
+
+    monkeypatch.delenv("NOTEBOOKOPS_PUBLIC_URL", raising=False)
+    monkeypatch.setenv("WEBSITE_HOSTNAME", "nb-app.azurewebsites.net")
+    assert "(https://nb-app.azurewebsites.net/api/runs/nbops-0123456789abcdef)" in (
+        summary_markdown(_summary(tmp_path))
+    )
+    monkeypatch.delenv("WEBSITE_HOSTNAME")
+    assert "Status page" not in summary_markdown(_summary(tmp_path / "again"))
+
+
+# -- ActivityReport, run twice -------------------------------------------------------------------
+
+
+def test_a_rerun_report_activity_posts_the_final_table_and_the_test_run_once(
+    devops: FakeDevOps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host runs activities at least once: the same publish payload twice (as after a crash
+    before its completion was recorded) gives one table in the feed and log, one test run."""
+    from notebookops import activities, sealing
+
+    monkeypatch.setenv("NOTEBOOKOPS_SECRET_KEY", "test-key-material-for-sealing")
+    monkeypatch.setenv("NOTEBOOKOPS_DEVOPS_RETRY_SECONDS", "0.01")
+    callback = devops.callback()
+    log_id = client_for(devops).ensure_log()
+    payload = {
+        "phase": "publish",
+        "summary": _summary(tmp_path),
+        "devops": callback.to_dict(mask_secrets=True),
+        "auth": sealing.seal(TOKEN),
+        "logId": log_id,
+    }
+    assert activities.report(payload) == {"published": True}
+    assert activities.report(payload) == {"published": True}
+    result_lines = [line for line in devops.feed_lines() if "result: failed" in line]
+    assert len(result_lines) == 1
+    assert devops.log_text().count("result: failed") == 1
+    (run,) = devops.test_runs()
+    assert len(run["results"]) == len(payload["summary"]["notebooks"])
+    assert len(devops.summary_attachments()) == 1  # PUT replaces, never adds

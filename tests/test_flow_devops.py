@@ -56,7 +56,10 @@ def run(flow_env, devops, body, timeout=60):
         return host.wait_for(instance, timeout)
 
 
-def test_all_pass_reports_log_feed_test_results_and_one_task_completed(flow_env, repo, devops):
+def test_all_pass_reports_log_feed_test_results_and_one_task_completed(
+    flow_env, repo, devops, monkeypatch
+):
+    monkeypatch.setenv("NOTEBOOKOPS_PUBLIC_URL", "http://127.0.0.1:7071")
     status = run(flow_env, devops, body_for(repo, ["nb/a.ipynb"]))
     assert status["output"]["result"] == "succeeded"
     assert [e["result"] for e in devops.task_completed_events()] == ["succeeded"]
@@ -77,6 +80,11 @@ def test_all_pass_reports_log_feed_test_results_and_one_task_completed(flow_env,
     assert runs[0]["results"][0]["attachments"], "the executed notebook is attached"
     creations = [r for r in devops.requests_to("/logs", method="POST") if r.path.endswith("/logs")]
     assert len(creations) == 1  # created once, then appended
+    (tab,) = devops.summary_attachments()  # the pipeline's summary tab
+    assert tab["name"] == "notebookops.md"
+    assert tab["content"].startswith("### Notebooks: ✅ succeeded")
+    assert "| nb/a.ipynb | succeeded |" in tab["content"]
+    assert tab["content"].rstrip().endswith(f"/api/runs/{status['output']['instanceId']})")
 
 
 def test_failures_make_the_pipeline_fail_with_the_cell(flow_env, repo, devops):
