@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -18,6 +19,7 @@ from notebookops.report import error_line, junit_xml, summary_table
 from notebookops.request import inspect_message, parse_request
 
 REPO = {"url": "https://dev.azure.com/o/p/_git/r"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def errors_of(**fields):
@@ -199,3 +201,45 @@ def test_missing_kernels_and_unusable_environments_fail_that_notebook_with_how_t
     assert without.error.ename == "NoSuchKernel"
     assert "ipykernel is not installed there" in without.message
     assert f"{bare}/bin/python -m pip install ipykernel" in without.message
+
+
+# -- the Azure ML entry script gives a tagged cell's error the local backend's verdict --------
+
+
+@pytest.mark.slow
+def test_the_azureml_entry_script_allows_raises_exception_cells_like_the_local_backend(tmp_path):
+    """The shipped entry script, run as the job runs it (its own process, a real kernel)."""
+    from notebookops.compute.papermill_entry import encode_job
+
+    def notebook(*cells):
+        nb = nbformat.v4.new_notebook(cells=list(cells))
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "P", "language": "python"}
+        return nb
+
+    expected = nbformat.v4.new_code_cell("1 / 0", metadata={"tags": ["raises-exception"]})
+    nbformat.write(
+        notebook(expected, nbformat.v4.new_code_cell("print('on')")), tmp_path / "ok.ipynb"
+    )
+    nbformat.write(
+        notebook(expected, nbformat.v4.new_code_cell("undefined_name")), tmp_path / "bad.ipynb"
+    )
+    entry = ROOT / "notebookops" / "compute" / "papermill_entry.py"
+
+    def job(name):
+        value = encode_job({"notebook": name, "output": name, "parameters": {}})
+        return subprocess.run(
+            [sys.executable, str(entry), "--output-dir", str(tmp_path / "out"), "--job", value],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+
+    ok = job("ok.ipynb")
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    executed = nbformat.read(tmp_path / "out" / "ok.ipynb", as_version=4)
+    assert [c.source for c in executed.cells] == ["1 / 0", "print('on')"]  # no red markers
+    assert executed.cells[1].outputs[0]["text"] == "on\n"
+    bad = job("bad.ipynb")
+    assert bad.returncode == 1
+    assert "notebook failed: NameError: name 'undefined_name' is not defined" in bad.stdout
