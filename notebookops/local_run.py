@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -255,7 +256,11 @@ def _prewarm(request: Any) -> Any:
         return None
     has_glob = any(set("*?[") & set(entry.path) for entry in request.notebooks)
     count = backend.workers if has_glob else len(request.notebooks)
-    return backend.prewarm(count, request.compute.kernel or "python3")
+    try:
+        return backend.prewarm(count, request.compute.kernel or "python3")
+    except (OSError, subprocess.SubprocessError) as exc:  # only a head start: run without it
+        print(f"kernels not prewarmed: {exc}", file=sys.stderr)
+        return None
 
 
 def resume_message_id(body: bytes, properties: dict[str, Any] | None, state_dir: Path) -> str:
