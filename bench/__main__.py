@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(ORDER), help="comma-separated benchmarks")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--json", help="also write every raw figure to this file")
+    parser.add_argument(
+        "--wide", type=int, default=500, help="notebooks in benchmark 7 (default 500)"
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - set(ORDER)
@@ -44,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n== {name} ==", flush=True)
         started = time.perf_counter()
-        raw[name] = _run(name, report, args.tiny)
+        raw[name] = _run(name, report, args.tiny, args.wide)
         print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+        if args.json:  # after every benchmark, so an interrupted run keeps what it measured
+            _write_json(args.json, report, raw, began)
     print()
     header = ["bench", "what", "ours (median [min..max])", "baseline", "ratio", "goal", ""]
     print(table([g.row() for g in report.goals], header))
@@ -53,20 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     print(f"\ntotal {time.perf_counter() - began:.0f} s")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            goals = [dict(zip(GOAL_KEYS, g.row(), strict=True)) for g in report.goals]
-            document = {
-                "cpus": os.cpu_count(),
-                "seconds": round(time.perf_counter() - began),
-                "goals": goals,
-                "notes": report.notes,
-                "results": raw,
-            }
-            json.dump(document, handle, indent=1, default=str)
+        _write_json(args.json, report, raw, began)
     return 0
 
 
-def _run(name: str, report: Report, tiny: bool):
+def _write_json(path: str, report: Report, raw: dict, began: float) -> None:
+    document = {
+        "cpus": os.cpu_count(),
+        "seconds": round(time.perf_counter() - began),
+        "goals": [dict(zip(GOAL_KEYS, g.row(), strict=True)) for g in report.goals],
+        "notes": report.notes,
+        "results": raw,
+    }
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=1, default=str)
+
+
+def _run(name: str, report: Report, tiny: bool, wide_notebooks: int = 500):
     if name == "startup":
         from bench import startup
 
@@ -106,7 +114,7 @@ def _run(name: str, report: Report, tiny: bool):
     if name == "wide":
         from bench import wide
 
-        return wide.run(report, notebooks=3 if tiny else 500)
+        return wide.run(report, notebooks=3 if tiny else wide_notebooks)
     raise AssertionError(name)
 
 

@@ -1,6 +1,7 @@
-"""`python -m bench.readme RESULTS.json [README.md]`: rewrite the README's performance table
-from the goals of one `python -m bench --json RESULTS.json` run (between the two markers), so
-the table always shows a real run's figures and verdicts, unmet goals included."""
+"""`python -m bench.readme RESULTS.json [MORE.json ...] [README.md]`: rewrite the README's
+performance table from the goals of `python -m bench --json RESULTS.json` runs (between the two
+markers; several files when the benchmarks were run in parts), so the table always shows real
+runs' figures and verdicts, unmet goals included."""
 
 from __future__ import annotations
 
@@ -25,8 +26,15 @@ def render(document: dict) -> str:
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + f" | {verdict} |")
     minutes = document.get("seconds", 0) / 60
     rows.append("")
-    rows.append(f"`make bench` took {minutes:.1f} minutes of benchmarks in that run.")
+    rows.append(f"The benchmarks took {minutes:.1f} minutes in that run.")
     return "\n".join(rows)
+
+
+def merge(documents: list[dict]) -> dict:
+    return {
+        "goals": [g for d in documents for g in d["goals"]],
+        "seconds": sum(d.get("seconds", 0) for d in documents),
+    }
 
 
 def rewrite(readme: Path, document: dict) -> None:
@@ -39,11 +47,14 @@ def rewrite(readme: Path, document: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not 1 <= len(argv) <= 2:
+    readme = ROOT / "README.md"
+    if argv and argv[-1].endswith(".md"):
+        readme, argv = Path(argv[-1]), argv[:-1]
+    if not argv:
         print(__doc__)
         return 2
-    document = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    rewrite(Path(argv[1]) if len(argv) == 2 else ROOT / "README.md", document)
+    documents = [json.loads(Path(a).read_text(encoding="utf-8")) for a in argv]
+    rewrite(readme, merge(documents))
     return 0
 
 
