@@ -99,6 +99,14 @@ def _check_command(venv_python: Path, src: Path, tmp_path: Path) -> None:
     )
     assert where.returncode == 0, where.stderr
     assert not where.stdout.startswith(str(ROOT)) and "site-packages" in where.stdout
+    installed = Path(where.stdout.strip()).parent
+    # What the package needs besides Python: the app's host.json and the page templates.
+    for needed in (
+        installed.parent / "notebookops_app" / "host.json",
+        installed / "templates" / "pages" / "run.html.j2",
+        installed / "templates" / "nbconvert" / "notebookops" / "index.html.j2",
+    ):
+        assert needed.is_file(), needed
 
     checked = run("validate", src / "examples" / "messages" / "local.json")
     assert (checked.returncode, checked.stdout) == (0, "valid: 3 notebook entries, backend local\n")
