@@ -356,6 +356,18 @@ def test_an_expired_token_ends_completed_without_a_hang_and_says_why(
     assert all(TOKEN not in text for text in seen)
 
 
+def test_a_plan_url_answering_html_is_never_retried_for_ever(flow_env, repo, devops, caplog):
+    devops.always("/events", "html", method="POST")
+    with caplog.at_level(logging.INFO):
+        status = run(flow_env, devops, body_for(repo, ["nb/a.ipynb"]))
+    assert status["runtimeStatus"] == "Completed"
+    callback = status["output"]["callback"]
+    assert callback["delivered"] is False and callback["attempts"] == 3
+    assert "an HTML page where JSON was expected" in callback["lastError"]
+    assert len(devops.task_completed_attempts()) == 3
+    assert TOKEN not in caplog.text and TOKEN not in json.dumps(status)
+
+
 def test_errors_are_one_line_each_and_the_run_keeps_its_results(flow_env, repo, devops):
     body = body_for(repo, ["nb/a.ipynb"])
     body["repository"]["ref"] = "no-such-branch"
