@@ -413,6 +413,7 @@ class Engine:
             now,
             child.version,
             parent=(parent.instance_id, parent.execution_id, child.task_id),
+            retry=child.retry,
         )
 
     def _run_work(self, work: Any) -> None:
@@ -761,14 +762,16 @@ def _insert_instance(
     now: datetime,
     version: str | None,
     parent: tuple[str, str, int] | None = None,
+    retry: dict[str, Any] | None = None,
 ) -> None:
-    """A new Pending instance and its start message; `parent` is (instance, execution, task)."""
+    """A new Pending instance and its start message; `parent` is (instance, execution, task),
+    `retry` the state its failure is reported back with when the parent retries it."""
     ids = start["OrchestrationInstance"]
     parent_id, parent_execution, parent_task = parent or (None, None, None)
     db.execute(
         "INSERT INTO instances (instance_id, name, execution_id, runtime_status, input, "
         "created_time, last_updated_time, version, parent_instance_id, parent_execution_id, "
-        "parent_task_id) VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?)",
+        "parent_task_id, parent_retry) VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             ids["InstanceId"],
             start["Name"],
@@ -780,6 +783,7 @@ def _insert_instance(
             parent_id,
             parent_execution,
             parent_task,
+            json.dumps(retry) if retry else None,
         ),
     )
     db.execute(
@@ -791,9 +795,11 @@ def _insert_instance(
 
 def _tell_parent(db: Any, child: Instance | None, status: str, result: Any, now: datetime) -> None:
     """A finished sub-orchestration completes its parent's task, as DTFx sends it: Completed
-    with the output's JSON text, anything else (Failed, Terminated) as a failure."""
+    with the output's JSON text, anything else (Failed, Terminated) as a failure, which goes
+    through the retry timers when the parent called it with retry."""
     if child is None or child.parent_instance_id is None or child.parent_task_id is None:
         return
+    kind, meta = "completion", None
     if status == "Completed":
         event = ev.sub_orchestration_completed(now, child.parent_task_id, result)
     else:
@@ -803,10 +809,19 @@ def _tell_parent(db: Any, child: Instance | None, status: str, result: Any, now:
             else f"Sub-orchestration '{child.instance_id}' was terminated: {result}"
         )
         event = ev.sub_orchestration_failed(now, child.parent_task_id, reason, None)
+        if child.parent_retry:
+            kind, meta = "retry_failed", json.loads(child.parent_retry)
     db.execute(
-        "INSERT INTO inbox (instance_id, execution_id, visible_at, kind, event) "
-        "VALUES (?, ?, ?, 'completion', ?)",
-        (child.parent_instance_id, child.parent_execution_id, now.timestamp(), json.dumps(event)),
+        "INSERT INTO inbox (instance_id, execution_id, visible_at, kind, event, meta) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            child.parent_instance_id,
+            child.parent_execution_id,
+            now.timestamp(),
+            kind,
+            json.dumps(event),
+            json.dumps(meta) if meta else None,
+        ),
     )
 
 

@@ -35,7 +35,6 @@ WHEN_ANY, WHEN_ALL = 11, 12
 
 ID_CONSUMING = {0, 1, 2, 3, 4, 5, 7, 8, 9}
 UNSUPPORTED = {
-    CALL_SUB_ORCHESTRATOR_WITH_RETRY: "sub-orchestrations with retry",
     CALL_ENTITY: "entities",
     SIGNAL_ENTITY: "entities",
     CALL_HTTP: "call_http",
@@ -45,6 +44,7 @@ KIND_OF_ACTION = {
     0: "activity",
     1: "activity",
     2: "subOrchestration",
+    3: "subOrchestration",
     5: "timer",
     4: "continueAsNew",
 }
@@ -90,6 +90,7 @@ class ChildStart:
     input: str | None
     version: str | None
     task_id: int
+    retry: dict[str, Any] | None = None  # the retry state a failure goes back with
 
 
 @dataclass
@@ -178,6 +179,26 @@ def run_episode(
                     kind="retry_timer" if attempts_left else "timer",
                     event=ev.timer_fired(fire_at, hidden_id, ev.iso(fire_at)),
                     meta={**meta, "attempt": meta["attempt"] + 1} if attempts_left else None,
+                )
+            )
+        elif meta.get("kind") == "subOrchestration":  # the next attempt of a child
+            child_id = meta["instanceId"] or f"{instance.execution_id}:{hidden_id}"
+            hidden.append(
+                (
+                    ev.sub_orchestration_created(
+                        now, hidden_id, meta["name"], child_id, meta["input"], meta["version"]
+                    ),
+                    True,
+                )
+            )
+            result.children.append(
+                ChildStart(
+                    name=meta["name"],
+                    instance_id=child_id,
+                    input=meta["input"],
+                    version=meta["version"],
+                    task_id=hidden_id,
+                    retry=meta,
                 )
             )
         else:  # the retry timer fired: the host schedules the next attempt
@@ -296,23 +317,16 @@ def _schedule(
             )
         retry = None
         if kind == CALL_ACTIVITY_WITH_RETRY:
-            options = action.get("retryOptions") or {}
-            interval = options.get("firstRetryIntervalInMilliseconds")
-            attempts = options.get("maxNumberOfAttempts")
-            if not isinstance(interval, int) or interval <= 0:
-                return (
-                    f"retryOptions.firstRetryIntervalInMilliseconds must be > 0, got {interval!r}"
-                )
-            if not isinstance(attempts, int) or attempts < 1:
-                return f"retryOptions.maxNumberOfAttempts must be >= 1, got {attempts!r}"
-            retry = {"intervalMs": interval, "maxAttempts": attempts}
+            retry, problem = _retry_policy(action)
+            if problem:
+                return problem
         input_text = action.get("input")
         new.append((ev.task_scheduled(now, task_id, target.name, input_text), False))
         result.work.append(
             WorkItem(name=target.name, input=input_text, task_id=task_id, retry=retry)
         )
         result.scheduled.append([task_id, "activity", target.name])
-    elif kind == CALL_SUB_ORCHESTRATOR:
+    elif kind in (CALL_SUB_ORCHESTRATOR, CALL_SUB_ORCHESTRATOR_WITH_RETRY):
         name = action.get("functionName", "")
         target = app.get(name)
         if target is None or target.trigger_type != "orchestrationTrigger":
@@ -338,6 +352,21 @@ def _schedule(
                 False,
             )
         )
+        retry = None
+        if kind == CALL_SUB_ORCHESTRATOR_WITH_RETRY:
+            policy, problem = _retry_policy(action)
+            if problem:
+                return problem
+            # Each attempt is a new child; an explicit id is reused (the failed one is replaced).
+            retry = {
+                "kind": "subOrchestration",
+                "name": target.name,
+                "input": input_text,
+                "instanceId": action.get("instanceId"),
+                "version": version,
+                "attempt": 1,
+                **policy,
+            }
         result.children.append(
             ChildStart(
                 name=target.name,
@@ -345,6 +374,7 @@ def _schedule(
                 input=input_text,
                 version=version,
                 task_id=task_id,
+                retry=retry,
             )
         )
         result.scheduled.append([task_id, "subOrchestration", target.name])
@@ -364,3 +394,16 @@ def _schedule(
         result.continue_input = action.get("input")
         result.scheduled.append([task_id, "continueAsNew", ""])
     return None
+
+
+def _retry_policy(action: dict[str, Any]) -> tuple[dict[str, int], str | None]:
+    """The Python SDK's RetryOptions: the first interval (DTFx's back-off coefficient is 1) and
+    the number of attempts."""
+    options = action.get("retryOptions") or {}
+    interval = options.get("firstRetryIntervalInMilliseconds")
+    attempts = options.get("maxNumberOfAttempts")
+    if not isinstance(interval, int) or interval <= 0:
+        return {}, f"retryOptions.firstRetryIntervalInMilliseconds must be > 0, got {interval!r}"
+    if not isinstance(attempts, int) or attempts < 1:
+        return {}, f"retryOptions.maxNumberOfAttempts must be >= 1, got {attempts!r}"
+    return {"intervalMs": interval, "maxAttempts": attempts}, None

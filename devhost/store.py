@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 3  # 2: instances.version; 3: the parent's execution and task id of a child
+FORMAT_VERSION = 4  # 2: version; 3: a child's parent execution and task; 4: its retry state
 APPLICATION_ID = 0x44564853  # "DVHS": marks the file as ours before we trust its tables
 
 SCHEMA = """
@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS instances (
     scheduled TEXT NOT NULL DEFAULT '[]',
     version TEXT,
     parent_execution_id TEXT,
-    parent_task_id INTEGER
+    parent_task_id INTEGER,
+    parent_retry TEXT
 );
 CREATE TABLE IF NOT EXISTS history (
     instance_id TEXT NOT NULL,
@@ -93,6 +94,7 @@ class Instance:
     version: str | None = None
     parent_execution_id: str | None = None
     parent_task_id: int | None = None
+    parent_retry: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Instance:
@@ -187,6 +189,8 @@ class Store:
             if version < 3:
                 db.execute("ALTER TABLE instances ADD COLUMN parent_execution_id TEXT")
                 db.execute("ALTER TABLE instances ADD COLUMN parent_task_id INTEGER")
+            if version < 4:
+                db.execute("ALTER TABLE instances ADD COLUMN parent_retry TEXT")
             db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?)",
                 (str(FORMAT_VERSION),),

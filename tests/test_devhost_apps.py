@@ -217,7 +217,8 @@ def test_state_file_of_format_1_is_upgraded_and_its_instances_go_on(tmp_path):
         instance = host.start_new("versioned")
         _wait_custom_status(host, instance)
     db = sqlite3.connect(state / "devhost.sqlite3")
-    for column in ("version", "parent_execution_id", "parent_task_id"):  # what format 1 lacked
+    # What format 1 lacked.
+    for column in ("version", "parent_execution_id", "parent_task_id", "parent_retry"):
         db.execute(f"ALTER TABLE instances DROP COLUMN {column}")
     db.execute("UPDATE meta SET value='1' WHERE key='format'")
     db.commit()
@@ -229,7 +230,7 @@ def test_state_file_of_format_1_is_upgraded_and_its_instances_go_on(tmp_path):
     # only the column was missing, so the next generation starts without a stored version.
     assert status["output"]["first"] == "Hello from A!"
     db = sqlite3.connect(state / "devhost.sqlite3")
-    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone()[0] == "3"
+    assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone()[0] == "4"
     db.close()
 
 
@@ -305,7 +306,7 @@ def test_orchestrators_using_unsupported_actions_fail_saying_so(unsupported):
     parent = unsupported.wait_for(unsupported.start_new("parent"), 30)
     entity = unsupported.wait_for(unsupported.start_new("uses_entity"), 30)
     assert parent["runtimeStatus"] == "Failed"
-    assert "devhost does not support sub-orchestrations with retry" in parent["output"]
+    assert "devhost does not support call_http" in parent["output"]
     assert entity["runtimeStatus"] == "Failed"
     assert "devhost does not support entities" in entity["output"]
 

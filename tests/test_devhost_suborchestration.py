@@ -79,3 +79,26 @@ def test_a_child_id_that_is_running_fails_the_task_and_leaves_that_instance_alon
     assert host.get_status(busy)["runtimeStatus"] == "Running"
     host.raise_event(busy, "Go", '"ok"')
     assert host.wait_for(busy, 30)["output"] == "ok"
+
+
+def test_a_child_called_with_retry_is_started_again_until_it_succeeds(host, tmp_path):
+    spec = {"attempts": 4, "succeed_on": 3, "counter": str(tmp_path / "n"), "child_id": "kid"}
+    parent = host.start_new("retries_child", spec)
+    status = host.wait_for(parent, 60)
+    assert status["output"] == {"value": "ok after 3"}
+    history = host.history(parent)
+    created = [e for e in history if e["EventType"] == SUB_ORCHESTRATION_CREATED]
+    # Three attempts of the same explicit child id, ids interleaved with the retry timers.
+    assert [e["InstanceId"] for e in created] == ["kid"] * 3
+    assert [e["EventId"] for e in created] == [0, 2, 4]
+    assert host.get_status("kid")["runtimeStatus"] == "Completed"
+
+
+def test_a_child_out_of_retries_raises_its_last_failure(host, tmp_path):
+    spec = {"attempts": 2, "succeed_on": 99, "counter": str(tmp_path / "n")}
+    status = host.wait_for(host.start_new("retries_child", spec), 60)
+    assert status["output"]["caught"].startswith(
+        "Orchestrator function 'flaky_child' failed: Activity function 'flaky' failed: "
+        "RuntimeError: attempt 2 failed"
+    )
+    assert (tmp_path / "n").read_text() == "2"

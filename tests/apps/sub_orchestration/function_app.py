@@ -2,6 +2,8 @@
 that calls an activity, fan-out over children, an explicit child id and version, a child
 that fails and one that waits (so a test can terminate it)."""
 
+import os
+
 import azure.durable_functions as df
 import azure.functions as func
 
@@ -73,3 +75,36 @@ def waiting_child(context: df.DurableOrchestrationContext):
 @myApp.activity_trigger(input_name="name")
 def hello(name: str):
     return "Hello " + name
+
+
+@myApp.orchestration_trigger(context_name="context")
+def retries_child(context: df.DurableOrchestrationContext):
+    spec = context.get_input()
+    options = df.RetryOptions(
+        first_retry_interval_in_milliseconds=200, max_number_of_attempts=spec["attempts"]
+    )
+    try:
+        value = yield context.call_sub_orchestrator_with_retry(
+            "flaky_child", options, spec, instance_id=spec.get("child_id")
+        )
+    except Exception as exc:
+        return {"caught": str(exc).split("\n")[0].strip()}
+    return {"value": value}
+
+
+@myApp.orchestration_trigger(context_name="context")
+def flaky_child(context: df.DurableOrchestrationContext):
+    value = yield context.call_activity("flaky", context.get_input())
+    return value
+
+
+@myApp.activity_trigger(input_name="spec")
+def flaky(spec: dict) -> str:
+    """Fails until it has run `succeed_on` times (counted in a file), so its child fails."""
+    counter = spec["counter"]
+    count = int(open(counter).read()) + 1 if os.path.exists(counter) else 1  # noqa: SIM115
+    with open(counter, "w") as fh:
+        fh.write(str(count))
+    if count < spec["succeed_on"]:
+        raise RuntimeError(f"attempt {count} failed")
+    return f"ok after {count}"

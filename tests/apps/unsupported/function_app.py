@@ -1,5 +1,5 @@
-"""Durable features devhost does not host (sub-orchestrations with retry, entities), used the
-way the samples use them, so the tests can check that each failure names what is missing."""
+"""Durable features devhost does not host (call_http, entities), used the way the samples use
+them, so the tests can check that each failure names what is missing."""
 
 import azure.durable_functions as df
 import azure.functions as func
@@ -9,9 +9,8 @@ myApp = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 
 @myApp.orchestration_trigger(context_name="context")
 def parent(context: df.DurableOrchestrationContext):
-    retry = df.RetryOptions(first_retry_interval_in_milliseconds=1000, max_number_of_attempts=2)
-    result = yield context.call_sub_orchestrator_with_retry("child", retry, "x")
-    return result
+    response = yield context.call_http("GET", "http://127.0.0.1:9/nothing-listens-here")
+    return response
 
 
 @myApp.orchestration_trigger(context_name="context")
