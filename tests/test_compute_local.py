@@ -426,12 +426,15 @@ def test_worker_limit_runs_notebooks_one_at_a_time(checkout, runs_dir, tmp_path,
 def test_a_run_waiting_for_a_worker_is_queued_and_its_limit_starts_when_it_runs(
     checkout, runs_dir, tmp_path, monkeypatch
 ):
-    """One worker, a 5-second notebook ahead: the next one waits longer than its own 3-second
-    limit, reported `queued` with no start time, then runs to a real verdict."""
+    """One worker, held by a notebook until the test releases it: the next one waits longer
+    than its own 3-second limit, reported `queued` with no start time, then runs to a real
+    verdict."""
     monkeypatch.setenv("NOTEBOOKOPS_LOCAL_WORKERS", "1")
-    started = tmp_path / "started"
+    started, release = tmp_path / "started", tmp_path / "release"
     write_notebook(
-        checkout / "ahead.ipynb", f"import time\nopen({str(started)!r}, 'w').close()\ntime.sleep(5)"
+        checkout / "ahead.ipynb",
+        f"import os, time\nopen({str(started)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(release)!r}):\n    time.sleep(0.05)",
     )
     write_notebook(checkout / "behind.ipynb", "x = 1", "raise KeyError('real verdict')")
     backend = get_backend("local")
@@ -442,6 +445,7 @@ def test_a_run_waiting_for_a_worker_is_queued_and_its_limit_starts_when_it_runs(
     waiting = backend.status(behind)
     assert (waiting.state, waiting.started_at) == ("queued", None)
     assert backend.status(ahead).state == "running" and backend.status(ahead).started_at
+    release.touch()
     status = finish(backend, behind)
     assert status.state == "failed", status
     assert (status.error.ename, status.error.cell_index) == ("KeyError", 1)
