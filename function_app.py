@@ -7,6 +7,7 @@ from ActivityClone import bp as activity_clone
 from ActivityMonitor import bp as activity_monitor
 from ActivityReport import bp as activity_report
 from ActivitySubmit import bp as activity_submit
+from AzureMLEvents import bp as azureml_events
 from HttpStarter import bp as http_starter
 from OrchestratorFunction import bp as orchestrator_function
 from RunStatus import bp as run_status
@@ -23,5 +24,6 @@ for blueprint in (
     activity_report,
     http_starter,
     run_status,
+    azureml_events,
 ):
     app.register_functions(blueprint)

@@ -164,8 +164,17 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
     lines = [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"]
     client = _devops(payload)
     _tell(client, lines + [f"warning: {payload['path']}: {w}" for w in warnings])
-    answer = {"ok": True, "handle": handle.to_dict(), "pollPolicy": backend.poll_policy.to_dict()}
+    answer = {"ok": True, "handle": handle.to_dict(), "pollPolicy": _poll_policy(backend).to_dict()}
     return _disabled(client, answer | ({"warnings": warnings} if warnings else {}))
+
+
+def _poll_policy(backend: Any) -> Any:
+    """The backend's poll policy, with the event race once run events are set up for it."""
+    from notebookops import run_events
+
+    if getattr(backend, "pushes_events", False) and run_events.events_enabled():
+        return run_events.with_push(backend.poll_policy)
+    return backend.poll_policy
 
 
 def _parameter_warnings(payload: dict[str, Any], checkout: Path) -> list[str]:

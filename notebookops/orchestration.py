@@ -14,7 +14,7 @@ from typing import Any
 
 import azure.durable_functions as df
 
-from notebookops import delivery, policy
+from notebookops import delivery, policy, run_events
 
 ROUNDS_PER_GENERATION = 10
 # Transient activity errors (network, throttling) are retried by the host; permanent ones
@@ -127,14 +127,23 @@ def note_disabled(state: dict[str, Any], result: Any) -> None:
 
 
 def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
-    """Returns True when every notebook is finished, False after continue_as_new."""
+    """Returns True when every notebook is finished, False after continue_as_new.
+
+    With run events (a pushing backend) the wait between rounds is a race between the safety
+    timer and the next event: the loser timer is cancelled, and the round after an event polls
+    only the runs it named. One event wait serves the whole generation until an event arrives,
+    so no stale wait is left to swallow a later event. An event raised while a generation
+    ends may be lost; every generation starts by polling every run, which catches it up."""
     policy.mark_ready(state, context.current_utc_datetime)
+    event: Task | None = None
+    named: set[str] | None = None  # after an event: the runs it named; None: every run
     for _ in range(ROUNDS_PER_GENERATION):
         yield from _monitor(
             context,
             state,
             policy.cancellations(state, context.current_utc_datetime),
             wait=policy.long_poll_wait(state, context.current_utc_datetime),
+            only=named,
         )
         # A failure seen in this round stops the rest now (failFast), not a round later.
         late_stops = policy.cancellations(state, context.current_utc_datetime)
@@ -146,10 +155,33 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
         if policy.all_done(state):
             return True
         state["round"] += 1
-        if not policy.long_polling(state):  # a long-polling monitor already waited
-            yield context.create_timer(policy.next_wake(state, context.current_utc_datetime))
+        named = None
+        if policy.long_polling(state):  # a long-polling monitor already waited
+            continue
+        timer = context.create_timer(policy.next_wake(state, context.current_utc_datetime))
+        if not policy.pushing(state):
+            yield timer
+            continue
+        if event is None:
+            event = context.wait_for_external_event(run_events.EVENT_NAME)
+        winner = yield context.task_any([event, timer])
+        if winner is event:
+            timer.cancel()
+            named = policy.paths_of_runs(state, [event.result])
+            _forget_consumed_event(context)
+            event = None
     context.continue_as_new({"state": state})
     return False
+
+
+def _forget_consumed_event(context: df.DurableOrchestrationContext) -> None:
+    """azure-functions-durable 1.7 keeps an external event that arrived while no wait was open
+    (`deferred_tasks`) and applies it again to every later wait of that name, so one consumed
+    event would end every later race at once and spin the generation's rounds. Once consumed,
+    it is forgotten (deterministic: replay consumes the same events in the same order)."""
+    deferred = getattr(context, "deferred_tasks", None)
+    if isinstance(deferred, dict):
+        deferred.pop(run_events.EVENT_NAME, None)
 
 
 def _monitor(
@@ -158,12 +190,13 @@ def _monitor(
     stops: list[dict[str, Any]],
     poll: bool = True,
     wait: float = 0.0,
+    only: set[str] | None = None,
 ) -> Generator:
     stopping = {s["path"] for s in stops}
     runs = [
         {"path": n["path"], "handle": n["handle"]}
         for n in policy.active(state)
-        if poll and n["path"] not in stopping
+        if poll and n["path"] not in stopping and (only is None or n["path"] in only)
     ]
     if not runs and not stops:
         return

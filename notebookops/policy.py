@@ -7,6 +7,7 @@ decisions on replay, and each rule can be tested on its own.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -364,11 +365,37 @@ def _past_limit(state: dict[str, Any], notebook: dict[str, Any], now: datetime) 
     return elapsed >= notebook_timeout_seconds(state, notebook)
 
 
+def pushing(state: dict[str, Any]) -> bool:
+    """The backend's runs announce their end by events: wait for one or the safety interval."""
+    return float((state.get("pollPolicy") or {}).get("pushIntervalSeconds") or 0) > 0
+
+
+def paths_of_runs(state: dict[str, Any], events: list[Any]) -> set[str]:
+    """The active notebooks whose runs the events name (unknown or finished runs: none).
+
+    The Python durable client's raise_event encodes its data twice (json.dumps, then the HTTP
+    body as JSON), so an event's payload arrives as JSON text; both forms are read."""
+    run_ids = set()
+    for event in events:
+        if isinstance(event, str):
+            try:
+                event = json.loads(event)
+            except ValueError:
+                continue
+        if isinstance(event, dict):
+            run_ids.add(event.get("runId"))
+    return {n["path"] for n in active(state) if n.get("runId") in run_ids}
+
+
 def next_wake(state: dict[str, Any], now: datetime) -> datetime:
-    """Back off between rounds, but never sleep past the nearest deadline."""
+    """Back off between rounds (or, with run events, the safety interval), but never sleep
+    past the nearest deadline."""
     policy = state.get("pollPolicy") or DEFAULT_POLL
-    interval = float(policy["firstIntervalSeconds"]) * float(policy["factor"]) ** state["round"]
-    interval = min(interval, float(policy["maxIntervalSeconds"]))
+    if pushing(state):
+        interval = float(policy["pushIntervalSeconds"])
+    else:
+        interval = float(policy["firstIntervalSeconds"]) * float(policy["factor"]) ** state["round"]
+        interval = min(interval, float(policy["maxIntervalSeconds"]))
     wake = now + timedelta(seconds=interval)
     deadlines = [parse(state["deadline"])] + [
         parse(n["deadline"]) for n in active(state) if n.get("deadline")

@@ -85,6 +85,8 @@ def shared_client(workspace: common.WorkspaceRef) -> Any:
 class AzureMLBackend:
     name = "azureml"
     poll_policy = common.AZUREML_POLL_POLICY
+    # Azure ML announces run ends through Event Grid (notebookops.run_events, AzureMLEvents).
+    pushes_events = True
 
     def __init__(
         self,

@@ -142,6 +142,8 @@ def _setuptools_pinned_below_82(env: Any) -> bool:
 class AzureMLV1Backend:
     name = "azureml-v1"
     poll_policy = common.AZUREML_POLL_POLICY
+    # Azure ML announces run ends through Event Grid (notebookops.run_events, AzureMLEvents).
+    pushes_events = True
 
     def __init__(
         self,

@@ -289,12 +289,18 @@ class PollPolicy:
     `long_poll_seconds`: the orchestrator then asks each monitor round to wait up to that
     long for a change instead of sleeping on a durable timer, so a finished run is seen at
     once rather than at the next poll.
+
+    A backend whose runs announce their end by events (Azure ML through Event Grid, see
+    notebookops.run_events) gets `push_interval_seconds` once events are set up: the
+    orchestrator then waits for an event or that interval, whichever comes first. Events may be
+    lost, late or duplicated, so the interval stays as a safety net and polls stay the truth.
     """
 
     first_interval_seconds: float
     factor: float
     max_interval_seconds: float
     long_poll_seconds: float = 0.0
+    push_interval_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.first_interval_seconds <= 0:
@@ -307,6 +313,11 @@ class PollPolicy:
         if self.long_poll_seconds < 0:
             raise ValueError(
                 f"PollPolicy: long_poll_seconds has invalid value {self.long_poll_seconds!r}"
+            )
+        if self.push_interval_seconds < 0:
+            raise ValueError(
+                "PollPolicy: push_interval_seconds has invalid value "
+                f"{self.push_interval_seconds!r}"
             )
         if self.max_interval_seconds < self.first_interval_seconds:
             raise ValueError(
@@ -332,6 +343,7 @@ class PollPolicy:
             "factor": self.factor,
             "maxIntervalSeconds": self.max_interval_seconds,
             "longPollSeconds": self.long_poll_seconds,
+            "pushIntervalSeconds": self.push_interval_seconds,
         }
 
     @classmethod
@@ -343,6 +355,9 @@ class PollPolicy:
             factor=float(_require(data, "factor", number, where)),
             max_interval_seconds=float(_require(data, "maxIntervalSeconds", number, where)),
             long_poll_seconds=float(_optional(data, "longPollSeconds", number, where) or 0.0),
+            push_interval_seconds=float(
+                _optional(data, "pushIntervalSeconds", number, where) or 0.0
+            ),
         )
 
 
