@@ -26,7 +26,11 @@ def render(document: dict) -> str:
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + f" | {verdict} |")
     minutes = document.get("seconds", 0) / 60
     rows.append("")
-    rows.append(f"The benchmarks took {minutes:.1f} minutes in that run.")
+    parts = document.get("parts", 1)
+    if parts == 1:
+        rows.append(f"The benchmarks took {minutes:.1f} minutes in that run.")
+    else:
+        rows.append(f"The benchmarks took {minutes:.1f} minutes, summed over {parts} processes.")
     return "\n".join(rows)
 
 
@@ -34,6 +38,7 @@ def merge(documents: list[dict]) -> dict:
     return {
         "goals": [g for d in documents for g in d["goals"]],
         "seconds": sum(d.get("seconds", 0) for d in documents),
+        "parts": len(documents),
     }
 
 
