@@ -527,8 +527,18 @@ class Engine:
         self._changed_notify()
         return instance_id
 
-    def raise_event(self, instance_id: str, event_name: str, input_text: str | None) -> None:
+    def raise_event(
+        self,
+        instance_id: str,
+        event_name: str,
+        input_text: str | None,
+        at: datetime | None = None,
+    ) -> None:
+        """Raise an event now, or (`at`) make it visible only from that time: a late delivery,
+        which the virtual clock advances to as it does to a timer."""
         now = self.clock.now()
+        if at is not None and at > now:
+            now = at
         with self.store.transaction() as db:
             _require_live(db, instance_id, "it takes no events")
             db.execute(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from devhost import AppIndexError, Host, StateError
-from devhost.events import TASK_COMPLETED, TASK_SCHEDULED, TIMER_CREATED
+from devhost.events import EVENT_RAISED, TASK_COMPLETED, TASK_SCHEDULED, TIMER_CREATED
 from tests.devhost_support import SAMPLE_APP
 
 
@@ -93,6 +93,26 @@ def test_external_event_wins_the_race_against_a_timer(real_host):
     host.raise_event(instance, "Approve", json.dumps({"by": "ada"}))
     status = host.wait_for(instance, 30)
     assert status["output"] == {"approved": {"by": "ada"}}
+
+
+def test_an_event_raised_for_a_later_time_arrives_then_on_the_virtual_clock(host):
+    # Status waits for "Go" with no timer: only the delayed event can move the clock.
+    from datetime import timedelta
+
+    instance = host.start_new("Status")
+    start = host.clock.now()
+    late = start + timedelta(hours=2)
+    host.raise_event(instance, "Go", "null", at=late)
+    status = host.wait_for(instance, 30)
+    assert status["customStatus"] == {"stage": "done"}
+    assert host.clock.now() == late  # the clock jumped to the delivery, not beyond
+    raised = [e for e in host.history(instance) if e["EventType"] == EVENT_RAISED]
+    assert [e["Timestamp"][:19] for e in raised] == [late.strftime("%Y-%m-%dT%H:%M:%S")]
+    # A time already past is delivered now: the clock never runs backwards.
+    again = host.start_new("Status")
+    host.raise_event(again, "Go", "null", at=start)
+    assert host.wait_for(again, 30)["customStatus"] == {"stage": "done"}
+    assert host.clock.now() == late
 
 
 def test_timer_wins_when_no_event_arrives(host):
