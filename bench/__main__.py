@@ -1,6 +1,6 @@
 """`python -m bench [--only NAMES] [--tiny] [--json FILE]`: run the benchmarks, print a table.
 
-Names: throughput (1), scale (2), startup (3), clone (4), single (5), repo-size (6), wide (7).
+Names: throughput (1), scale (2), startup (3), clone (4), single (5), repo-size (6), wide (7), push (8).
 `--tiny` runs each on a tiny size with few repetitions (the smoke test's mode: figures are then
 not meaningful, only the machinery is checked). Peer tools run from their own venvs, built on
 first use and cached (bench/peers.py).
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from bench.common import Report, table
 
 GOAL_KEYS = ("bench", "what", "ours", "baseline", "ratio", "goal", "verdict")
-ORDER = ["startup", "scale", "clone", "single", "throughput", "repo-size", "wide"]
+ORDER = ["startup", "scale", "clone", "single", "throughput", "repo-size", "wide", "push"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +115,10 @@ def _run(name: str, report: Report, tiny: bool, wide_notebooks: int = 500):
         from bench import wide
 
         return wide.run(report, notebooks=3 if tiny else wide_notebooks)
+    if name == "push":
+        from bench import push
+
+        return push.run(report, notebooks=3, max_minutes=3) if tiny else push.run(report)
     raise AssertionError(name)
 
 

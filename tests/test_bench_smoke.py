@@ -33,6 +33,7 @@ def test_every_benchmark_runs_on_a_tiny_size_and_prints_its_table(tmp_path):
         "5 one notebook",
         "6 repo size",
         "7 wide",
+        "8 push",
     ):
         assert f"| {bench}" in out, out[-4000:]
     assert "ratio" in out and "[" in out  # figures with their baseline and spread
@@ -47,6 +48,7 @@ def test_every_benchmark_runs_on_a_tiny_size_and_prints_its_table(tmp_path):
         "throughput",
         "repo-size",
         "wide",
+        "push",
     }
     scale = results["scale"]["3"]
     # The observer's largest generation equals what devhost stored for the one-generation
@@ -64,6 +66,7 @@ def test_every_benchmark_runs_on_a_tiny_size_and_prints_its_table(tmp_path):
     assert wide["succeeded"] == 3 and 0 < wide["maxHistory"] < 3 * 3 + 100
     assert all(0 < wide["payloads"][k] < 1_000_000 for k in wide["payloads"])
     assert wide["peakRssBytes"] > 10_000_000
+    _check_push(results["push"])
     size = results["repo-size"]
     assert size["sizes"]["large"] > 10 * size["sizes"]["small"]
     # Views, not copies: two runs of the 2 MB repository take far less than 2 MB each.
@@ -83,3 +86,34 @@ def test_every_benchmark_runs_on_a_tiny_size_and_prints_its_table(tmp_path):
     assert "STALE-TABLE-ROW" not in text and text.endswith("<!-- end of bench table -->\nafter\n")
     assert len(goals) >= 15 and all(g["what"] in text for g in goals)
     assert ("**not met**" in text) == any(g["verdict"] == "MISSED" for g in goals)
+
+
+def _check_push(push):
+    """Both runs of benchmark 8 saw every job end after it was scheduled, push through fewer
+    status calls, with the same verdicts."""
+    polled, pushed = push["polling"], push["push"]
+    assert len(push["ends"]) == 3 and polled["verdicts"] == pushed["verdicts"]
+    assert len(polled["verdicts"]) == 3
+    for run in (polled, pushed):
+        assert len(run["latencies"]) == 3 and min(run["latencies"]) >= 0
+        assert 0 < run["maxHistory"] < 3 * 3 + 100
+    assert pushed["statusCalls"] < polled["statusCalls"]
+    assert pushed["events"]["raised"] >= 1
+
+
+def test_the_push_benchmark_runs_on_a_tiny_size(tmp_path):
+    """Benchmark 8 alone, fast: polling against Event Grid push on the virtual clock."""
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "push", "--tiny", "--json", str(raw)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| 8 push" in proc.stdout and "detection latency" in proc.stdout
+    import json
+
+    _check_push(json.loads(raw.read_text())["results"]["push"])
