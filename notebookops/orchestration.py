@@ -90,6 +90,7 @@ def _clone(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Ge
     )
     if not result.get("ok"):
         state["errors"].append(result.get("error", "clone failed"))
+        policy.add_unrun(state, "the repository could not be cloned")
         return
     policy.add_notebooks(state, result)
 

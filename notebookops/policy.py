@@ -65,29 +65,7 @@ def add_notebooks(state: dict[str, Any], clone: dict[str, Any]) -> None:
     for item in clone["notebooks"]:
         entry = entries[item["entryIndex"]]
         entry = {"path": entry} if isinstance(entry, str) else entry
-        state["notebooks"].append(
-            {
-                "path": item["path"],
-                "entryIndex": item["entryIndex"],
-                "allowFailure": bool(entry.get("allowFailure", False)),
-                "timeoutMinutes": entry.get("timeoutMinutes"),
-                "state": PENDING,
-                "runId": None,
-                "portalUrl": None,
-                "handle": None,
-                "submittedAt": None,
-                "startedAt": None,  # execution start, once the backend reports it running
-                "deadline": None,  # startedAt + timeoutMinutes + RUNNER_GRACE_SECONDS
-                "durationSeconds": None,
-                "queuedSeconds": None,
-                "error": None,
-                "message": None,
-                "outputNotebook": None,
-                "outputHtml": None,
-                "executionSeconds": None,
-                "slowestCells": [],
-            }
-        )
+        state["notebooks"].append(_new_notebook(item["path"], item["entryIndex"], entry))
         if item.get("problem"):  # missing or malformed: this notebook fails, the others run
             state["notebooks"][-1].update(
                 state="failed",
@@ -99,6 +77,50 @@ def add_notebooks(state: dict[str, Any], clone: dict[str, Any]) -> None:
                     "traceback": "",
                 },
             )
+
+
+def _new_notebook(path: str, entry_index: int, entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "path": path,
+        "entryIndex": entry_index,
+        "allowFailure": bool(entry.get("allowFailure", False)),
+        "timeoutMinutes": entry.get("timeoutMinutes"),
+        "state": PENDING,
+        "runId": None,
+        "portalUrl": None,
+        "handle": None,
+        "submittedAt": None,
+        "startedAt": None,  # execution start, once the backend reports it running
+        "deadline": None,  # startedAt + timeoutMinutes + RUNNER_GRACE_SECONDS
+        "durationSeconds": None,
+        "queuedSeconds": None,
+        "error": None,
+        "message": None,
+        "outputNotebook": None,
+        "outputHtml": None,
+        "executionSeconds": None,
+        "slowestCells": [],
+    }
+
+
+def add_unrun(state: dict[str, Any], why: str) -> None:
+    """A run that failed before its notebooks were resolved (the clone) still reports what
+    the message named: the commit it asked for, and each notebook path that is not a pattern,
+    canceled with the reason."""
+    request = state["request"]
+    commit = (request.get("repository") or {}).get("commit")
+    if state.get("commit") is None and isinstance(commit, str) and commit:
+        state["commit"] = commit
+    if state["notebooks"]:
+        return
+    for index, raw in enumerate(request.get("notebooks") or []):
+        entry = {"path": raw} if isinstance(raw, str) else raw
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or any(c in path for c in "*?["):
+            continue
+        notebook = _new_notebook(path, index, entry)
+        notebook.update(state="canceled", message=f"not run: {why}")
+        state["notebooks"].append(notebook)
 
 
 def parameters_for(state: dict[str, Any], notebook: dict[str, Any]) -> dict[str, Any]:

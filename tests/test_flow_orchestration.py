@@ -143,6 +143,20 @@ def test_bad_ref_fails_without_retrying(flow_env, repo):
     _, _, status = run(flow_env, body)
     assert status["output"]["result"] == "failed"
     assert "no-such-branch" in status["output"]["errors"][0]
+    # What the message named is kept: the notebook, not run, with the reason.
+    [notebook] = status["output"]["notebooks"]
+    assert notebook["path"] == "nb/a.ipynb" and notebook["state"] == "canceled"
+    assert notebook["message"] == "not run: the repository could not be cloned"
+
+
+def test_a_failed_clone_keeps_the_commit_the_message_named(flow_env, repo):
+    body = message(repo, ["nb/a.ipynb", "nb/*.ipynb"], compute={"backend": "fake"})
+    body["repository"]["commit"] = "1" * 40  # not in the repository
+    output = run(flow_env, body)[2]["output"]
+    assert output["result"] == "failed" and output["commit"] == "1" * 40
+    # A pattern names no notebook until the clone expands it; the plain path is kept.
+    assert [n["path"] for n in output["notebooks"]] == ["nb/a.ipynb"]
+    assert output["counts"]["canceled"] == output["counts"]["total"] == 1
 
 
 def test_permanent_backend_error_fails_that_notebook_only(flow_env, repo):
