@@ -232,12 +232,13 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
 
     _wait_for_change(payload)
     results = []
+    checkout = payload.get("checkout")
     for stop in payload.get("cancel", []):
-        results.append(_stop(payload["instanceId"], stop))
+        results.append(_stop(payload["instanceId"], stop, checkout))
     for run in payload.get("runs", []):
         handle = RunHandle.from_dict(run["handle"])
         try:
-            results.append(_observe(payload["instanceId"], run["path"], handle))
+            results.append(_observe(payload["instanceId"], run["path"], handle, checkout))
         except Exception as exc:  # one unreachable run must not hide the others' progress
             log.warning("monitor: %s: %s", run["path"], redact.redact_known(str(exc)))
             results.append(
@@ -300,19 +301,19 @@ def _backend(handle: Any) -> Any:
     return get_backend(handle.backend)
 
 
-def _stop(instance_id: str, stop: dict[str, Any]) -> dict[str, Any]:
+def _stop(instance_id: str, stop: dict[str, Any], checkout: str | None = None) -> dict[str, Any]:
     from notebookops.compute.base import RunHandle
 
     handle = RunHandle.from_dict(stop["handle"])
     backend = _backend(handle)
     status = backend.status(handle)
     if status.terminal:  # it ended on its own meanwhile: its own verdict stands
-        return _describe(instance_id, stop["path"], handle, backend, status)
+        return _describe(instance_id, stop["path"], handle, backend, status, checkout)
     backend.cancel(handle)
     status = backend.status(handle)
     # The orchestrator decided why it stopped (deadline or failFast): report that.
     return {
-        **_describe(instance_id, stop["path"], handle, backend, status),
+        **_describe(instance_id, stop["path"], handle, backend, status, checkout),
         "state": stop["state"],
         "message": stop["message"],
         "stopped": True,
@@ -326,13 +327,20 @@ def _running_cell(path: str | None) -> int | None:
     return running_cell_index(nb) if nb else None
 
 
-def _observe(instance_id: str, path: str, handle: Any) -> dict[str, Any]:
+def _observe(
+    instance_id: str, path: str, handle: Any, checkout: str | None = None
+) -> dict[str, Any]:
     backend = _backend(handle)
-    return _describe(instance_id, path, handle, backend, backend.status(handle))
+    return _describe(instance_id, path, handle, backend, backend.status(handle), checkout)
 
 
 def _describe(
-    instance_id: str, path: str, handle: Any, backend: Any, status: Any
+    instance_id: str,
+    path: str,
+    handle: Any,
+    backend: Any,
+    status: Any,
+    checkout: str | None = None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "path": path,
@@ -352,12 +360,33 @@ def _describe(
         if status.state == "canceled":
             # Stopped from outside (a deadline, the service's own timeout): where it was.
             result["runningCell"] = _running_cell(result["outputNotebook"])
+        if fetched and result["error"] and checkout:
+            result["error"] = _numbered_against_commit(
+                result["error"], Path(fetched), Path(checkout) / path, backend
+            )
         if fetched:
             # Every backend's notebook lands here: render it and read its cell times once.
             from notebookops.render import describe_output
 
             result.update(describe_output(Path(fetched), path, status.state))
     return result
+
+
+def _numbered_against_commit(
+    error: dict[str, Any], executed: Path, committed_path: Path, backend: Any
+) -> dict[str, Any]:
+    """A backend that sees only the executed notebook (Azure ML) counts its cells, in which
+    papermill may have added or stripped some; count the failing cell against the notebook as
+    committed instead, as the local backend does itself."""
+    if getattr(backend, "numbers_cells_against_commit", False):
+        return error
+    from notebookops.notebook_errors import error_from_file, load_notebook_json
+
+    committed = load_notebook_json(committed_path)
+    renumbered = error_from_file(executed, committed) if committed else None
+    if renumbered is None or renumbered.ename != error.get("ename"):
+        return error  # not the failure the backend saw: keep the backend's own account
+    return {**error, "cellIndex": renumbered.cell_index}
 
 
 def _parse(text: str) -> datetime:

@@ -210,6 +210,8 @@ def _monitor(
             "instanceId": state["instanceId"],
             "runs": runs,
             "cancel": stops,
+            # Where the committed notebooks are, to number failing cells against them.
+            "checkout": state.get("checkout"),
             "checkPipeline": check,
             "waitSeconds": wait if poll and not stops else 0.0,
             **_callback(state),

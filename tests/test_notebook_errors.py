@@ -297,3 +297,45 @@ def test_every_committed_cell_is_found_again_after_papermill(
 
 def _is_marker(cell):
     return "papermill-error-cell-tag" in cell.metadata.get("tags", [])
+
+
+def test_the_monitor_numbers_a_remote_backends_failing_cell_against_the_commit(
+    tmp_path, monkeypatch
+):
+    """A backend that sees only the executed notebook (Azure ML's status reads the download)
+    counts 2 too low when the committed notebook holds papermill's old markers; the monitor
+    activity renumbers the failing cell against the checkout. The backend here is an
+    in-process stand-in for the remote service; the monitor, its fetch and its numbering are
+    the app's own."""
+    from notebookops import activities
+    from notebookops.compute import registry
+    from notebookops.compute.base import RunHandle, RunStatus
+
+    committed = _committed_with_old_markers()
+    executed = _as_papermill_ran(committed, "n = 1", "1 / (n - 1)")
+    checkout = tmp_path / "checkout"
+    (checkout / "nb").mkdir(parents=True)
+    nbformat.write(committed, checkout / "nb" / "a.ipynb")
+
+    class RemoteLike:
+        name = "remote"
+
+        def status(self, handle):
+            return RunStatus(state="failed", raw_status="Failed", error=extract_error(executed))
+
+        def fetch_output(self, handle, dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(executed, dest)
+            return dest
+
+    monkeypatch.setitem(registry._factories, "remote", RemoteLike)
+    monkeypatch.setenv("NOTEBOOKOPS_OUTPUT_DIR", str(tmp_path / "outputs"))
+    handle = RunHandle(backend="remote", run_id="job-1", portal_url=None, data={})
+    run = {"path": "nb/a.ipynb", "handle": handle.to_dict()}
+    answer = activities.monitor({"instanceId": "i-1", "runs": [run], "checkout": str(checkout)})
+    [result] = answer["runs"]
+    assert result["state"] == "failed"
+    assert (result["error"]["cellIndex"], result["error"]["ename"]) == (4, "ZeroDivisionError")
+    # Without a checkout (an older orchestration's input) the backend's own count stands.
+    answer = activities.monitor({"instanceId": "i-2", "runs": [run]})
+    assert answer["runs"][0]["error"]["cellIndex"] == 2

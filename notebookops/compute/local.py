@@ -70,6 +70,8 @@ class LocalBackend:
     # (wait_for_change) instead of the orchestrator sleeping between polls: a finished
     # notebook is seen within ~20 ms, and an idle run costs one monitor round per
     # LONG_POLL_SECONDS. The interval fields apply only where long polling is not used.
+    # The runner numbers failing cells against the committed notebook itself.
+    numbers_cells_against_commit = True
     poll_policy = PollPolicy(
         first_interval_seconds=0.2, factor=1.2, max_interval_seconds=0.5, long_poll_seconds=5.0
     )
