@@ -138,7 +138,10 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
     policy.mark_ready(state, context.current_utc_datetime)
     event: Task | None = None
     named: set[str] | None = None  # after an event: the runs it named; None: every run
+    last_full_poll = context.current_utc_datetime
     for _ in range(ROUNDS_PER_GENERATION):
+        if named is None:
+            last_full_poll = context.current_utc_datetime
         yield from _monitor(
             context,
             state,
@@ -159,7 +162,9 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
         named = None
         if policy.long_polling(state):  # a long-polling monitor already waited
             continue
-        timer = context.create_timer(policy.next_wake(state, context.current_utc_datetime))
+        timer = context.create_timer(
+            policy.next_wake(state, context.current_utc_datetime, last_full_poll)
+        )
         if not policy.pushing(state):
             yield timer
             continue

@@ -409,16 +409,20 @@ def paths_of_runs(state: dict[str, Any], events: list[Any]) -> set[str]:
     return {n["path"] for n in active(state) if n.get("runId") in run_ids}
 
 
-def next_wake(state: dict[str, Any], now: datetime) -> datetime:
-    """Back off between rounds (or, with run events, the safety interval), but never sleep
-    past the nearest deadline."""
+def next_wake(
+    state: dict[str, Any], now: datetime, last_full_poll: datetime | None = None
+) -> datetime:
+    """Back off between rounds, but never sleep past the nearest deadline. With run events the
+    safety poll comes one interval after the last round that polled every run, however many
+    event rounds came between: a run whose event was lost is polled on time."""
     policy = state.get("pollPolicy") or DEFAULT_POLL
     if pushing(state):
-        interval = float(policy["pushIntervalSeconds"])
+        since = last_full_poll or now
+        wake = max(now, since + timedelta(seconds=float(policy["pushIntervalSeconds"])))
     else:
         interval = float(policy["firstIntervalSeconds"]) * float(policy["factor"]) ** state["round"]
         interval = min(interval, float(policy["maxIntervalSeconds"]))
-    wake = now + timedelta(seconds=interval)
+        wake = now + timedelta(seconds=interval)
     deadlines = [parse(state["deadline"])] + [
         parse(n["deadline"]) for n in active(state) if n.get("deadline")
     ]

@@ -187,3 +187,25 @@ def test_a_finished_job_is_seen_by_its_event_not_by_the_hour_long_safety_poll(
     # The last generation saw b's end by event; no timer that lost a race ever fired.
     assert kinds.count(EVENT_RAISED) >= 1
     assert kinds.count(TIMER_FIRED) == 0
+
+
+def test_the_safety_poll_is_not_pushed_back_by_the_events_that_came_between():
+    """A run whose event was lost is polled one safety interval after the last round that
+    polled every run, however many event rounds for other runs came in between."""
+    from datetime import UTC, datetime, timedelta
+
+    from notebookops import policy
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    state = {
+        "pollPolicy": {"pushIntervalSeconds": 300.0},
+        "round": 7,
+        "deadline": policy.iso(now + timedelta(hours=1)),
+        "notebooks": [],
+    }
+    assert policy.next_wake(state, now, now - timedelta(seconds=250)) == now + timedelta(seconds=50)
+    assert policy.next_wake(state, now, now - timedelta(seconds=400)) == now
+    assert policy.next_wake(state, now) == now + timedelta(seconds=300)
+    # Never past the run's deadline.
+    state["deadline"] = policy.iso(now + timedelta(seconds=20))
+    assert policy.next_wake(state, now, now) == now + timedelta(seconds=20)
