@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import azure.ai.ml  # noqa: F401 - pay the import once per module
+import nbformat
 import pytest
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
@@ -910,9 +911,13 @@ def test_a_pipeline_run_on_azure_ml_at_the_wire(flow_env, service, credential, m
     from notebookops.compute import registry
     from tests.flow_support import app_host, deliver, make_repo, message, notebook
 
+    committed = notebook("x = 1")
+    # As committed, the notebooks the fake service hands back executed: a title, then the code
+    # (the monitor numbers a failing cell against the commit).
+    committed.cells.insert(0, nbformat.v4.new_markdown_cell("# title"))
     repo = make_repo(
         flow_env / "repo",
-        {name: notebook("x = 1") for name in ("nb/a.ipynb", "nb/b.ipynb", "nb/c.ipynb")},
+        {name: committed for name in ("nb/a.ipynb", "nb/b.ipynb", "nb/c.ipynb")},
     )
     clients: dict = {}
 
