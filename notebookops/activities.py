@@ -320,11 +320,12 @@ def _stop(instance_id: str, stop: dict[str, Any], checkout: str | None = None) -
     }
 
 
-def _running_cell(path: str | None) -> int | None:
+def _running_cell(path: str | None, committed_path: Path | None = None) -> int | None:
     from notebookops.notebook_errors import load_notebook_json, running_cell_index
 
     nb = load_notebook_json(Path(path)) if path else None
-    return running_cell_index(nb) if nb else None
+    committed = load_notebook_json(committed_path) if committed_path else None
+    return running_cell_index(nb, committed) if nb else None
 
 
 def _observe(
@@ -359,7 +360,8 @@ def _describe(
         result["outputNotebook"] = str(fetched) if fetched else None
         if status.state == "canceled":
             # Stopped from outside (a deadline, the service's own timeout): where it was.
-            result["runningCell"] = _running_cell(result["outputNotebook"])
+            committed = Path(checkout) / path if checkout else None
+            result["runningCell"] = _running_cell(result["outputNotebook"], committed)
         if fetched and result["error"] and checkout:
             result["error"] = _numbered_against_commit(
                 result["error"], Path(fetched), Path(checkout) / path, backend

@@ -216,15 +216,18 @@ def source_cell_index(
     return indexes[executed_index]
 
 
-def running_cell_index(nb: Mapping[str, Any]) -> int | None:
+def running_cell_index(
+    nb: Mapping[str, Any], committed: Mapping[str, Any] | None = None
+) -> int | None:
     """The committed index of the cell a stopped run was executing: the last cell papermill
     started (it records `metadata.papermill.start_time`; a cell cut short by a kill is marked
-    completed like any other, so the status alone cannot tell). None before the first cell."""
+    completed like any other, so the status alone cannot tell). None before the first cell.
+    With `committed`, counted against it (committed papermill markers do not shift it)."""
     cells = nb.get("cells") or []
     for executed in range(len(cells) - 1, -1, -1):
         papermill = (cells[executed].get("metadata") or {}).get("papermill") or {}
         if papermill.get("start_time"):
-            return source_cell_index(nb, executed)
+            return source_cell_index(nb, executed, committed)
     return None
 
 

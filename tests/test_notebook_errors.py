@@ -339,3 +339,25 @@ def test_the_monitor_numbers_a_remote_backends_failing_cell_against_the_commit(
     # Without a checkout (an older orchestration's input) the backend's own count stands.
     answer = activities.monitor({"instanceId": "i-2", "runs": [run]})
     assert answer["runs"][0]["error"]["cellIndex"] == 2
+
+
+def test_the_running_cell_of_a_stopped_run_is_counted_against_the_commit():
+    """A run stopped from outside (a deadline) names the cell papermill started last; committed
+    papermill markers must not shift it."""
+    from notebookops.notebook_errors import running_cell_index
+
+    committed = _committed_with_old_markers()
+    executed = _as_papermill_ran(committed, "n = 1", "1 / (n - 1)")
+    started = False
+    for cell in executed.cells:
+        cell.metadata["papermill"] = {}
+    for cell in executed.cells:
+        if cell.source == "1 / (n - 1)":
+            started = True
+            cell.metadata["papermill"]["start_time"] = "2026-01-01T00:00:01Z"
+            break
+        cell.metadata["papermill"]["start_time"] = "2026-01-01T00:00:00Z"
+    assert started
+    # Committed cells: 0 marker, 1 title, 2 parameters, 3 marker, 4 the running cell.
+    assert running_cell_index(executed, committed) == 4
+    assert running_cell_index(executed) == 2  # counted without the commit: 2 too low
