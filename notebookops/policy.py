@@ -573,21 +573,7 @@ def pipeline_check_due(state: dict[str, Any], now: datetime) -> bool:
 
 def stop_all(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     """Stops for every unfinished notebook because the pipeline no longer waits."""
-    why = "the pipeline was canceled or timed out"
-    stops = []
-    for notebook in state["notebooks"]:
-        if notebook["state"] == PENDING:
-            finish(notebook, "canceled", now, message=f"not started: {why}")
-        elif notebook["state"] in ACTIVE_STATES:
-            stops.append(
-                {
-                    "path": notebook["path"],
-                    "handle": notebook["handle"],
-                    "state": "canceled",
-                    "message": why,
-                }
-            )
-    return stops
+    return stop_created(state, now, "the pipeline was canceled or timed out")
 
 
 def stop_created(state: dict[str, Any], now: datetime, why: str) -> list[dict[str, Any]]:
