@@ -114,13 +114,22 @@ def _rows(driver) -> dict[str, dict[str, str]]:
 
 def _page_state(driver) -> tuple[str, dict]:
     """The run's badge and its rows; the page reloads itself, so read it in one go."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
     from selenium.webdriver.common.by import By
 
-    for _ in range(20):
+    for _ in range(40):
         try:
             return driver.find_element(By.ID, "run-state").text, _rows(driver)
         except (StaleElementReferenceException, NoSuchElementException):
+            time.sleep(0.1)
+        except WebDriverException as exc:
+            # A reload between two calls: Chromium's inspector no longer knows the old node.
+            if "does not belong to the document" not in str(exc):
+                raise
             time.sleep(0.1)
     raise AssertionError(f"the run page never settled: {driver.page_source[:2000]}")
 
