@@ -172,6 +172,21 @@ def git_env(home: Path) -> dict[str, str]:
     return env
 
 
+def in_process_app_env(root: Path) -> None:
+    """The settings the real app needs when a benchmark hosts it in this process (devhost with
+    an in-process fake backend): local repositories, a fresh seal key, folders under `root`."""
+    from notebookops import sealing
+
+    genv = git_env(root / "home")
+    os.environ.update(
+        NOTEBOOKOPS_ALLOW_LOCAL_REPOS="1",
+        NOTEBOOKOPS_SECRET_KEY=sealing.new_key(),
+        NOTEBOOKOPS_CHECKOUT_DIR=str(root / "checkouts"),
+        NOTEBOOKOPS_OUTPUT_DIR=str(root / "outputs"),
+        GIT_CONFIG_GLOBAL=genv["GIT_CONFIG_GLOBAL"],
+    )
+
+
 def write_repo(path: Path, files: dict[str, Any], env: dict[str, str]) -> Path:
     """A one-commit repository on `main` holding `files` (str text or a notebook dict)."""
     import nbformat

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bench.common import ROOT, Report, git_env, write_repo
+from bench.common import ROOT, Report, git_env, in_process_app_env, write_repo
 from bench.scale import ObservedHost
 from notebookops.compute.base import PollPolicy, RunError, RunHandle, RunSpec, RunStatus
 from tests.fake_backend import FakeBackend
@@ -194,21 +194,14 @@ def _one(repo: Path, paths: list[str], state: Path, push: bool, seed: int) -> di
 
 
 def run(report: Report, notebooks: int = 50, max_minutes: float = 120.0) -> dict[str, Any]:
-    from notebookops import sealing
     from notebookops.compute import registry
 
     root = Path(tempfile.mkdtemp(prefix="nbops-bench-push-"))
     saved = dict(os.environ)
     saved_factory = registry._factories.get("fake")
     try:
+        in_process_app_env(root)
         genv = git_env(root / "home")
-        os.environ.update(
-            NOTEBOOKOPS_ALLOW_LOCAL_REPOS="1",
-            NOTEBOOKOPS_SECRET_KEY=sealing.new_key(),
-            NOTEBOOKOPS_CHECKOUT_DIR=str(root / "checkouts"),
-            NOTEBOOKOPS_OUTPUT_DIR=str(root / "outputs"),
-            GIT_CONFIG_GLOBAL=genv["GIT_CONFIG_GLOBAL"],
-        )
         registry._factories["fake"] = ClockedBackend
         rng = random.Random(SEED + notebooks)
         ends = [rng.uniform(60.0, max_minutes * 60.0) for _ in range(notebooks)]

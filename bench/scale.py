@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Report, Sample, git_env, write_repo
+from bench.common import ROOT, Report, Sample, git_env, in_process_app_env, write_repo
 from devhost import Host
 
 BASELINE_APP = Path(__file__).resolve().parent / "apps" / "baseline"
@@ -66,16 +66,7 @@ def _fake_notebook(polls: int) -> dict[str, Any]:
 
 
 def _environment(root: Path) -> None:
-    from notebookops import sealing
-
-    genv = git_env(root / "home")
-    os.environ.update(
-        NOTEBOOKOPS_ALLOW_LOCAL_REPOS="1",
-        NOTEBOOKOPS_SECRET_KEY=sealing.new_key(),
-        NOTEBOOKOPS_CHECKOUT_DIR=str(root / "checkouts"),
-        NOTEBOOKOPS_OUTPUT_DIR=str(root / "outputs"),
-        GIT_CONFIG_GLOBAL=genv["GIT_CONFIG_GLOBAL"],
-    )
+    in_process_app_env(root)
     from notebookops.compute import registry
     from tests.fake_backend import FakeBackend
 
