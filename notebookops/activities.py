@@ -65,7 +65,7 @@ def _devops(payload: dict[str, Any]) -> Any:
     token = _token(payload)
     if not devops or not token:
         return None
-    from notebookops.devops import DevOpsClient
+    from notebookops.devops.client import DevOpsClient
     from notebookops.request import Callback
 
     callback = Callback.from_dict({**devops, "authToken": token})
@@ -430,7 +430,7 @@ def report(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _attach_summary(client: Any, summary: dict[str, Any], status_url: str | None) -> None:
-    from notebookops.devops_summary import summary_markdown
+    from notebookops.devops.summary import summary_markdown
 
     try:
         markdown = summary_markdown(summary, status_url)
@@ -462,7 +462,7 @@ def _deliver(client: Any, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _record(client: Any) -> dict[str, Any] | None:
-    from notebookops.devops import DevOpsError
+    from notebookops.devops.transport import DevOpsError
 
     try:
         return client.task_record()

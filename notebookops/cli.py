@@ -8,13 +8,13 @@ their heavy dependencies inside the handler so ``validate`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from notebookops import __version__
+from notebookops.message_file import UsageError, read_properties
 
 __all__ = ["COMMANDS", "EXIT_INVALID", "UsageError", "build_parser", "main", "read_properties"]
 
@@ -24,27 +24,6 @@ PROG = "notebookops" if Path(sys.argv[0]).name == "notebookops" else "python -m 
 
 Subparsers = Any  # argparse keeps the subparsers action type private
 CommandAdder = Callable[[Subparsers], None]
-
-
-class UsageError(Exception):
-    """A problem with the command line or its files: reported on stderr, exit code 2."""
-
-
-def _read_json_object(path: str, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise UsageError(f"{what} {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{what} {path} must hold a JSON object")
-    return data
-
-
-def read_properties(path: str | None) -> dict[str, Any] | None:
-    """The application properties a --properties file stands in for (Service Bus message)."""
-    return None if path is None else _read_json_object(path, "properties file")
 
 
 def _validate(args: argparse.Namespace) -> int:

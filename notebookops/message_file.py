@@ -14,14 +14,37 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "UsageError",
     "command_line_settings",
     "inspect_message_file",
     "read_message_file",
+    "read_properties",
     "resolve_local_url",
 ]
 
 ALLOW_LOCAL_REPOS_ENV = "NOTEBOOKOPS_ALLOW_LOCAL_REPOS"
 DEFAULT_BACKEND_ENV = "NOTEBOOKOPS_DEFAULT_BACKEND"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files: reported on stderr, exit code 2."""
+
+
+def _read_json_object(path: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def read_properties(path: str | None) -> dict[str, Any] | None:
+    """The application properties a --properties file stands in for (Service Bus message)."""
+    return None if path is None else _read_json_object(path, "properties file")
 
 
 def command_line_settings() -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import azure.durable_functions as df
 
-from notebookops import delivery, policy, run_events
+from notebookops import policy, run_events
+from notebookops.devops import delivery
 
 ROUNDS_PER_GENERATION = 10
 # Transient activity errors (network, throttling) are retried by the host; permanent ones
@@ -351,7 +352,7 @@ def _deliver(
     context: df.DurableOrchestrationContext, state: dict[str, Any], result: str, limit: int
 ) -> Generator:
     """TaskCompleted, one bounded activity attempt at a time, durable timers in between
-    (notebookops.delivery has the rule). True when done, False after continue_as_new."""
+    (notebookops.devops.delivery has the rule). True when done, False after continue_as_new."""
     record = state.get("delivery")
     if record is None:
         record = state["delivery"] = delivery.new_delivery(

@@ -19,8 +19,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 def _submit(args: argparse.Namespace) -> int:
     import requests
 
-    from notebookops.cli import UsageError, read_properties
-    from notebookops.message_file import read_message_file
+    from notebookops.message_file import UsageError, read_message_file, read_properties
 
     properties = read_properties(args.properties)
     try:

@@ -1,10 +1,10 @@
-"""The TaskCompleted delivery rule (notebookops.delivery) as pure decisions over time."""
+"""The TaskCompleted delivery rule (notebookops.devops.delivery) as pure decisions over time."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from notebookops import delivery
+from notebookops.devops import delivery
 
 START = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from notebookops.devops import (
+from notebookops.devops.client import DevOpsClient
+from notebookops.devops.test_results import output_under
+from notebookops.devops.transport import (
     CallbackAuthFailed,
     CallbackRejected,
     CallbackUnavailable,
-    DevOpsClient,
 )
-from notebookops.devops_tests import output_under
 from tests.fake_devops import FakeDevOps
 
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.fake-job-token-4f9c2e"
@@ -690,7 +690,7 @@ def test_the_token_appears_in_no_log_exception_repr_or_output(
 def test_summary_markdown_lists_every_notebook_and_links_the_status_page(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from notebookops.devops_summary import summary_markdown
+    from notebookops.devops.summary import summary_markdown
 
     monkeypatch.setenv("NOTEBOOKOPS_PUBLIC_URL", "https://nbops.example.net/")
     summary = _summary(tmp_path)
@@ -715,7 +715,7 @@ def test_summary_markdown_lists_every_notebook_and_links_the_status_page(
 def test_summary_link_falls_back_to_the_function_app_host_name_or_is_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from notebookops.devops_summary import summary_markdown
+    from notebookops.devops.summary import summary_markdown
 
     monkeypatch.delenv("NOTEBOOKOPS_PUBLIC_URL", raising=False)
     monkeypatch.setenv("WEBSITE_HOSTNAME", "nb-app.azurewebsites.net")

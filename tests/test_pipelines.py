@@ -183,7 +183,12 @@ def test_the_package_step_zips_the_app_without_what_funcignore_excludes(tmp_path
         timeout=120,
     )
     names = zipfile.ZipFile(archive).namelist()
-    for needed in ("function_app.py", "host.json", "requirements.txt", "notebookops/devops.py"):
+    for needed in (
+        "function_app.py",
+        "host.json",
+        "requirements.txt",
+        "notebookops/devops/client.py",
+    ):
         assert needed in names
     for excluded in (".venv/", "tests/", "devhost/", "examples/", ".git/", "bench/"):
         assert not any(name.startswith(excluded) for name in names), excluded

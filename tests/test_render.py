@@ -204,8 +204,8 @@ def test_untimed_notebook_has_no_execution_time():
 @pytest.mark.slow
 def test_the_rendering_is_attached_beside_the_notebook_in_the_tests_tab(failing_run, tmp_path):
     """The real DevOps client against the fake Azure DevOps on loopback."""
-    from notebookops.devops import DevOpsClient
-    from notebookops.devops_tests import output_under
+    from notebookops.devops.client import DevOpsClient
+    from notebookops.devops.test_results import output_under
     from tests.fake_devops import FakeDevOps
 
     out = tmp_path / "out"

@@ -12,9 +12,14 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+from notebookops.devops.transport import DevOpsTransport, segment
 from notebookops.report import error_line
 
-__all__ = ["PUBLIC_URL_SETTING", "status_url", "summary_markdown"]
+__all__ = ["PUBLIC_URL_SETTING", "attach_summary", "status_url", "summary_markdown"]
+
+# Not in the Swagger file: the route and api-version of TaskClient.create_attachment (v7_1 SDK).
+ATTACHMENTS_API_VERSION = "7.1-preview.1"
+SUMMARY_ATTACHMENT_TYPE = "Distributedtask.Core.Summary"
 
 # Where people reach the app; Azure sets WEBSITE_HOSTNAME for every function app.
 PUBLIC_URL_SETTING = "NOTEBOOKOPS_PUBLIC_URL"
@@ -35,6 +40,25 @@ def status_url(instance_id: str) -> str | None:
     if not base:
         return None
     return f"{base}/api/runs/{quote(instance_id, safe='')}"
+
+
+def attach_summary(client: DevOpsTransport, markdown: str, name: str = "notebookops.md") -> bool:
+    """The task's summary tab: a Markdown record attachment of type
+    Distributedtask.Core.Summary (what ##vso[task.uploadsummary] makes); best effort."""
+    url = (
+        f"{client.timeline_base}/records/{segment(client.task_instance_id)}"
+        f"/attachments/{segment(SUMMARY_ATTACHMENT_TYPE)}/{segment(name)}"
+    )
+    answer = client.side_call(
+        "summary",
+        "attach summary",
+        "PUT",
+        url,
+        ATTACHMENTS_API_VERSION,
+        data=client.scrub(markdown).encode("utf-8"),
+        content_type="application/octet-stream",
+    )
+    return answer is not None
 
 
 def summary_markdown(summary: dict[str, Any], link: str | None = None) -> str:

@@ -11,12 +11,10 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from notebookops.devops.transport import DevOpsError, DevOpsTransport, response_json
 from notebookops.report import error_line
-
-if TYPE_CHECKING:
-    from notebookops.devops import DevOpsClient
 
 __all__ = ["OUTCOMES", "output_under", "publish_test_results", "result_body", "run_name"]
 
@@ -106,7 +104,7 @@ def result_body(notebook: Mapping[str, Any], summary: Mapping[str, Any]) -> dict
 
 
 def publish_test_results(
-    client: DevOpsClient,
+    client: DevOpsTransport,
     summary: Mapping[str, Any],
     resolve_output: Resolver | None = None,
 ) -> int | None:
@@ -144,7 +142,7 @@ def run_name(summary: Mapping[str, Any]) -> str:
     return f"notebookops {summary.get('instanceId') or ''}".strip()
 
 
-def _find_run(client: DevOpsClient, base: str, name: str) -> dict[str, Any] | None:
+def _find_run(client: DevOpsTransport, base: str, name: str) -> dict[str, Any] | None:
     # Runs - List, filtered by the build (test.json Runs_List: buildUri, automated).
     response = client.side_call(
         "tests",
@@ -156,18 +154,18 @@ def _find_run(client: DevOpsClient, base: str, name: str) -> dict[str, Any] | No
     )
     if response is None:
         return None
-    runs = _body(response).get("value")
+    runs = response_json(response).get("value")
     for run in runs if isinstance(runs, list) else []:
         if isinstance(run, Mapping) and run.get("name") == name and isinstance(run.get("id"), int):
             return dict(run)
     return None
 
 
-def _existing_results(client: DevOpsClient, base: str, run_id: int) -> set[str]:
+def _existing_results(client: DevOpsTransport, base: str, run_id: int) -> set[str]:
     response = client.side_call(
         "tests", "list test results", "GET", f"{base}/Runs/{run_id}/results", TEST_API_VERSION
     )
-    results = _body(response).get("value") if response is not None else None
+    results = response_json(response).get("value") if response is not None else None
     return {
         str(r.get("automatedTestName"))
         for r in (results if isinstance(results, list) else [])
@@ -175,7 +173,7 @@ def _existing_results(client: DevOpsClient, base: str, run_id: int) -> set[str]:
     }
 
 
-def _create_run(client: DevOpsClient, base: str, summary: Mapping[str, Any]) -> int | None:
+def _create_run(client: DevOpsTransport, base: str, summary: Mapping[str, Any]) -> int | None:
     body: dict[str, Any] = {
         "name": run_name(summary),
         "automated": True,
@@ -192,7 +190,7 @@ def _create_run(client: DevOpsClient, base: str, summary: Mapping[str, Any]) -> 
     )
     if response is None:
         return None
-    run_id = _body(response).get("id")
+    run_id = response_json(response).get("id")
     if not isinstance(run_id, int):
         client.disable("tests", "create test run: Azure DevOps answered without a run id")
         return None
@@ -200,7 +198,7 @@ def _create_run(client: DevOpsClient, base: str, summary: Mapping[str, Any]) -> 
 
 
 def _add_results(
-    client: DevOpsClient, base: str, run_id: int, results: list[dict[str, Any]]
+    client: DevOpsTransport, base: str, run_id: int, results: list[dict[str, Any]]
 ) -> list[int | None]:
     # Results - Add: https://learn.microsoft.com/en-us/rest/api/azure/devops/test/results/add
     response = client.side_call(
@@ -211,13 +209,13 @@ def _add_results(
         TEST_API_VERSION,
         json_body=[_redacted(client, r) for r in results],
     )
-    body = _body(response) if response is not None else {}
+    body = response_json(response) if response is not None else {}
     added = body.get("value") if isinstance(body.get("value"), list) else []
     return [item.get("id") if isinstance(item, Mapping) else None for item in added]
 
 
 def _attach(
-    client: DevOpsClient,
+    client: DevOpsTransport,
     base: str,
     run_id: int,
     result_id: int | None,
@@ -261,14 +259,14 @@ def _attach(
     )
 
 
-def _complete_run(client: DevOpsClient, base: str, run_id: int, summary: Mapping[str, Any]) -> None:
+def _complete_run(
+    client: DevOpsTransport, base: str, run_id: int, summary: Mapping[str, Any]
+) -> None:
     body: dict[str, Any] = {"state": "Completed"}
     if summary.get("finishedAt"):
         body["completedDate"] = summary["finishedAt"]
     # Runs - Update: https://learn.microsoft.com/en-us/rest/api/azure/devops/test/runs/update.
     # Tried even after another "tests" call was refused: a run left InProgress looks stuck.
-    from notebookops.devops import DevOpsError
-
     try:
         client.call(
             "complete test run", "PATCH", f"{base}/runs/{run_id}", TEST_API_VERSION, json_body=body
@@ -277,7 +275,7 @@ def _complete_run(client: DevOpsClient, base: str, run_id: int, summary: Mapping
         log.warning("test run %s could not be completed: %s", run_id, exc)
 
 
-def _redacted(client: DevOpsClient, value: Any) -> Any:
+def _redacted(client: DevOpsTransport, value: Any) -> Any:
     if isinstance(value, str):
         return client.scrub(value)
     if isinstance(value, Mapping):
@@ -285,11 +283,3 @@ def _redacted(client: DevOpsClient, value: Any) -> Any:
     if isinstance(value, list):
         return [_redacted(client, v) for v in value]
     return value
-
-
-def _body(response: Any) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {"value": body}
