@@ -14,6 +14,7 @@ service's words, and `Experiment.submit` tags the run in a second call, as the S
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -505,21 +506,426 @@ def test_a_refused_identity_is_permanent(backend, service, checkout):
         backend.submit(_spec(checkout))
 
 
-def test_a_failed_run_whose_output_cannot_be_read_keeps_its_verdict(
-    backend, service, checkout, tmp_path
+# -- output storage refusing the identity ---------------------------------------------------
+
+
+def _storage_refusal() -> Exception:
+    """What azure-storage-blob raises (through azureml-core's download_file) when an
+    identity-based datastore refuses an identity without a data role."""
+    from azure.core.exceptions import HttpResponseError
+
+    exc = HttpResponseError(
+        message="This request is not authorized to perform this operation using this "
+        "permission.\nRequestId:0f0c\nTime:2026-01-01T10:06:00Z\n"
+        "ErrorCode:AuthorizationPermissionMismatch"
+    )
+    exc.status_code, exc.error_code = 403, "AuthorizationPermissionMismatch"
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("script", "state"), [(["Completed"], "succeeded"), (["Failed"], "failed")]
+)
+def test_a_finished_run_whose_output_storage_refuses_the_identity_keeps_its_state(
+    backend, service, checkout, tmp_path, script, state
+):
+    service.next_script = script
+    handle = backend.submit(_spec(checkout))
+    run = service.runs[handle.run_id]
+    run.files["outputs/train.ipynb"] = json.dumps(fakes.notebook_json()).encode()
+
+    def forbidden(name, output_file_path=None):
+        service.calls.append(("download_file", name))
+        raise _storage_refusal()
+
+    run.download_file = forbidden
+    status = backend.status(handle)
+    assert (status.state, status.raw_status) == (state, script[0])
+    assert "output could not be downloaded" in status.message
+    assert "'Storage Blob Data Reader' role on the workspace's storage account" in status.message
+    assert "AuthorizationPermissionMismatch" in status.message and "\n" not in status.message
+    assert backend.fetch_output(handle, tmp_path / "x.ipynb") is None
+    assert not (tmp_path / "x.ipynb").exists()
+
+
+# -- the runner's packages ------------------------------------------------------------------
+
+
+def test_a_conda_environment_gets_papermill_and_ipykernel_when_it_lists_neither(
+    backend, service, checkout
+):
+    service.environments["nb-env"] = _curated_env("nb-env", ["pandas"])
+    backend.submit(_spec(checkout))
+    pips = list(
+        service.submissions[0][
+            "config"
+        ].run_config.environment.python.conda_dependencies.pip_packages
+    )
+    assert {"papermill", "ipykernel", "pandas"} <= set(pips)
+
+
+def test_a_listed_papermill_pin_is_kept_and_not_doubled(backend, service, checkout):
+    service.environments["nb-env"] = _curated_env("nb-env", ["Papermill==2.4.0", "ipykernel>=6"])
+    backend.submit(_spec(checkout))
+    pips = list(
+        service.submissions[0][
+            "config"
+        ].run_config.environment.python.conda_dependencies.pip_packages
+    )
+    assert [p for p in pips if p.lower().startswith(("papermill", "ipykernel"))] == [
+        "Papermill==2.4.0",
+        "ipykernel>=6",
+    ]
+
+
+def _docker_env(name: str) -> Environment:
+    env = Environment(name)
+    env.docker.base_image = "myregistry.azurecr.io/notebooks:1"
+    env.python.user_managed_dependencies = True
+    return env
+
+
+HANDLER_IMPORT_FAILURE = """\
+Traceback (most recent call last):
+  File "papermill_notebook_run_handler.py", line 9, in <module>
+    import azureml.contrib.notebook._engines
+  File "/azureml-envs/x/lib/python3.10/site-packages/azureml/contrib/notebook/_engines/__init__.py", line 5, in <module>
+    from papermill.engines import papermill_engines
+ModuleNotFoundError: No module named 'papermill'
+"""
+
+
+def test_a_user_managed_environment_without_papermill_is_named_from_the_runs_log(
+    backend, service, checkout
+):
+    """A Docker-only environment: nothing can be added at submit, and the run fails in the
+    handler's imports before any notebook exists; the driver log says why."""
+    service.environments["nb-docker"] = _docker_env("nb-docker")
+    service.next_script = ["Failed"]
+    handle = backend.submit(_spec(checkout, environment="nb-docker@latest"))
+    conda = service.submissions[0]["config"].run_config.environment.python
+    assert conda.user_managed_dependencies is True
+    run = service.runs[handle.run_id]
+    run.files["user_logs/std_log.txt"] = ("x" * 300_000 + "\n" + HANDLER_IMPORT_FAILURE).encode()
+    run.error_message = "UserError: Execution failed. User process exited with code 1"
+    status = backend.status(handle)
+    assert status.state == "failed" and status.error is None
+    assert status.message.startswith(
+        "the environment nb-docker@latest lacks papermill, which the azureml-v1 runner "
+        "(azureml-contrib-notebook's papermill handler) needs (user_logs/std_log.txt says "
+        "\"No module named 'papermill'\")"
+    )
+    assert "user-managed" in status.message and "install papermill in that image" in status.message
+    backend.status(handle)
+    assert service.calls.count(("download_file", "user_logs/std_log.txt")) == 1  # cached
+
+
+def test_a_run_whose_log_names_no_runner_package_keeps_the_services_reason(
+    backend, service, checkout
 ):
     service.next_script = ["Failed"]
     handle = backend.submit(_spec(checkout))
     run = service.runs[handle.run_id]
-    run.files["outputs/train.ipynb"] = b"{}"
+    run.files["azureml-logs/70_driver_log.txt"] = b"Starting the daemon thread\nout of memory\n"
+    run.error_message = "Job failed: the node ran out of memory"
+    assert backend.status(handle).message == "Job failed: the node ran out of memory"
 
-    def forbidden(name, output_file_path=None):
-        raise ExperimentExecutionException(
-            '{"status_code": 403, "error_details": {"error": '
-            '{"message": "AuthorizationPermissionMismatch"}}}'
+
+def test_an_unreadable_log_keeps_the_services_reason(backend, service, checkout):
+    service.next_script = ["Failed"]
+    handle = backend.submit(_spec(checkout))
+    run = service.runs[handle.run_id]
+    run.files["user_logs/std_log.txt"] = b"No module named 'papermill'\n"
+    run.error_message = "UserError: User process exited with code 1"
+
+    def refused(name, output_file_path=None):
+        raise _storage_refusal()
+
+    run.download_file = refused
+    assert backend.status(handle).message == "UserError: User process exited with code 1"
+
+
+def test_find_run_by_key_finds_the_run_or_none(backend, service, checkout):
+    spec = _spec(checkout)
+    assert backend.find_run(spec.compute, spec.run_key, spec.notebook) is None
+    submitted = backend.submit(spec)
+    found = backend.find_run(spec.compute, spec.run_key, spec.notebook)
+    assert (found.run_id, found.data["workspace"], found.data["output"]) == (
+        submitted.run_id,
+        submitted.data["workspace"],
+        "outputs/train.ipynb",
+    )
+    backend.cancel(found)
+    assert service.count("cancel") == 1
+
+
+# -- verdicts on notebooks executed by papermill on a real kernel ---------------------------
+#
+# The v1 runner is azureml-contrib-notebook's handler, i.e. `papermill.execute_notebook`. Each
+# notebook below is executed here by papermill on a real kernel, and the fake run hands back
+# exactly that output notebook (and papermill's own log) as the service would.
+
+MARKER = "papermill-error-cell-tag"
+
+
+def _committed(cells: list[tuple[str, str, list[str]]]) -> dict:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Py"}
+    for kind, source, tags in cells:
+        cell = (
+            nbformat.v4.new_markdown_cell(source)
+            if kind == "md"
+            else nbformat.v4.new_code_cell(source)
         )
+        if tags:
+            cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+    return json.loads(nbformat.writes(nb))
 
-    run.download_file = forbidden
+
+CORPUS = {
+    # The only error is allowed: nbclient goes on, papermill's final check raises.
+    "allowed": [
+        ("md", "# allowed", []),
+        ("code", "1/0", ["raises-exception"]),
+        ("code", "x = 2", []),
+    ],
+    # An allowed error, then a real one; the commit still holds papermill's markers from an
+    # earlier run (papermill strips them before running, so the executed copy is shorter).
+    "later": [
+        ("md", '<span style="color:red">An Exception was encountered</span>', [MARKER]),
+        ("md", "# later", []),
+        ("code", "1/0", ["raises-exception"]),
+        ("code", "{}['id']", []),
+        ("code", "y = 1", []),
+    ],
+    # An allowed error, then the kernel dies (out of memory): papermill ends its loop (the
+    # notebook's end time is set) but never starts the last cell, and raises DeadKernelError.
+    "dead-kernel": [
+        ("md", "# dead", []),
+        ("code", "1/0", ["raises-exception"]),
+        ("code", "import os\nos._exit(1)", []),
+        ("code", "z = 3", []),
+    ],
+    # Clean: papermill raises nothing, but the run failed after it (say, a node lost).
+    "clean": [("md", "# clean", []), ("code", "x = 1", [])],
+}
+KILLED = [
+    ("md", "# killed", []),
+    ("code", "1/0", ["raises-exception"]),
+    (
+        "code",
+        "import os, time\nopen('kernel.pid', 'w').write(str(os.getpid()))\ntime.sleep(60)",
+        [],
+    ),
+    ("code", "z = 3", []),
+]
+
+
+def _papermill(source: Path, out: Path) -> None:
+    """papermill as the v1 handler calls it; a kernel that failed to start is started again."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    for attempt in (1, 2):
+        try:
+            papermill.execute_notebook(str(source), str(out), progress_bar=False, log_output=False)
+            return
+        except (PapermillExecutionError, DeadKernelError):
+            return
+        except RuntimeError:
+            if attempt == 2:
+                raise
+
+
+def _killed(folder: Path) -> Path:
+    """papermill killed while cell 2 runs (a preempted node): cell 2 started, never ended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source, out = folder / "killed.ipynb", folder / "killed.out.ipynb"
+    source.write_text(json.dumps(_committed(KILLED)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "papermill", str(source), str(out)],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pid_file = folder / "kernel.pid"
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.is_file() and pid_file.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "papermill never got to cell 2"
+            )
+            time.sleep(0.1)
+        time.sleep(0.5)  # papermill saved the notebook at cell 2's start
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if pid_file.is_file() and pid_file.read_text():
+            with contextlib.suppress(ProcessLookupError):  # the kernel is its own session
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    return out
+
+
+def _no_ipykernel(folder: Path) -> tuple[Path, bytes]:
+    """papermill on a kernelspec whose Python lacks ipykernel, as in an image without it: the
+    output notebook is saved before the kernel dies, with no cell started; stderr is the log."""
+    import os
+    import subprocess
+    import sys
+
+    kernels = folder / "jupyter" / "kernels" / "bare"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "bare",
+                "language": "python",
+            }
+        )
+    )
+    source, out = folder / "bare.ipynb", folder / "bare.out.ipynb"
+    source.write_text(json.dumps(_committed(CORPUS["clean"])))
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", str(source), str(out), "-k", "bare", "--log-output"],
+        cwd=folder,
+        capture_output=True,
+        timeout=180,
+        env={**os.environ, "JUPYTER_PATH": str(folder / "jupyter")},
+    )
+    assert done.returncode != 0
+    return out, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> dict[str, tuple[dict, bytes]]:
+    """name -> (committed notebook, papermill's output notebook bytes)."""
+    folder = tmp_path_factory.mktemp("executed")
+    found = {}
+    for name, cells in CORPUS.items():
+        committed = _committed(cells)
+        source = folder / f"{name}.ipynb"
+        source.write_text(json.dumps(committed))
+        _papermill(source, folder / f"{name}.out.ipynb")
+        found[name] = (committed, (folder / f"{name}.out.ipynb").read_bytes())
+    found["killed"] = (_committed(KILLED), _killed(folder).read_bytes())
+    out, log = _no_ipykernel(folder)
+    found["no-ipykernel"] = (_committed(CORPUS["clean"]), out.read_bytes())
+    found["no-ipykernel-log"] = ({}, log)
+    return found
+
+
+def _failed_run(backend, service, checkout, committed: dict, output: bytes, **compute):
+    """A v1 run that Azure ML reports Failed, handing back papermill's output notebook; the
+    checkout holds the notebook as committed."""
+    _writable(checkout)
+    (checkout / "nb" / "smoke" / "train.ipynb").write_text(json.dumps(committed))
+    service.next_script = ["Running", "Failed"]
+    handle = backend.submit(_spec(checkout, **compute))
+    run = service.runs[handle.run_id]
+    run.files["outputs/train.ipynb"] = output
+    run.error_message = (
+        "UserError: User program failed with PapermillExecutionError: "
+        'Exception encountered at "In [1]"'
+    )
+    assert backend.status(handle).state == "running"
+    return handle
+
+
+def _observed(backend, handle, checkout, tmp_path, monkeypatch) -> dict:
+    """The monitor's account of the run (activities._describe: status, download, numbering
+    against the commit, rendering)."""
+    from notebookops import activities
+
+    monkeypatch.setenv(activities.OUTPUT_DIR_SETTING, str(tmp_path / "out"))
+    return activities._describe(
+        "inst-1", "nb/smoke/train.ipynb", handle, backend, backend.status(handle), str(checkout)
+    )
+
+
+@pytest.mark.slow
+def test_v1_lets_an_error_in_a_raises_exception_cell_pass_as_the_other_backends_do(
+    backend, service, checkout, tmp_path, monkeypatch, executed
+):
+    committed, output = executed["allowed"]
+    assert MARKER in output.decode()  # papermill's final check failed it and marked the cell
+    handle = _failed_run(backend, service, checkout, committed, output)
     status = backend.status(handle)
-    assert status.state == "failed" and "could not be read" in status.message
-    assert backend.fetch_output(handle, tmp_path / "x.ipynb") is None
+    assert (status.state, status.raw_status, status.error) == ("succeeded", "Failed", None)
+    assert "raises-exception" in status.message and "papermill's final check" in status.message
+    result = _observed(backend, handle, checkout, tmp_path, monkeypatch)
+    assert (result["state"], result["error"]) == ("succeeded", None)
+    delivered = json.loads(Path(result["outputNotebook"]).read_text())
+    sources = ["".join(c["source"]) for c in delivered["cells"]]
+    assert sources == ["# allowed", "1/0", "x = 2"]  # papermill's markers removed
+    assert delivered["cells"][1]["outputs"][0]["ename"] == "ZeroDivisionError"
+
+
+@pytest.mark.slow
+def test_v1_reports_the_first_error_not_allowed_numbered_against_the_commit(
+    backend, service, checkout, tmp_path, monkeypatch, executed
+):
+    committed, output = executed["later"]
+    handle = _failed_run(backend, service, checkout, committed, output)
+    result = _observed(backend, handle, checkout, tmp_path, monkeypatch)
+    assert result["state"] == "failed"
+    # Committed: marker 0, title 1, allowed 2, the KeyError 3 (the executed copy counts 2).
+    assert (result["error"]["ename"], result["error"]["cellIndex"]) == ("KeyError", 3)
+    assert result["message"].startswith("UserError: User program failed with Papermill")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["killed", "dead-kernel"])
+def test_v1_keeps_failed_when_a_cell_never_ran_after_an_allowed_error(
+    backend, service, checkout, tmp_path, monkeypatch, executed, name
+):
+    """killed: papermill itself was killed in cell 2 (its notebook has no end time);
+    dead-kernel: the kernel died in cell 2 and papermill never started cell 3."""
+    committed, output = executed[name]
+    nb = json.loads(output)
+    assert nb["cells"][-1]["metadata"]["papermill"]["start_time"] is None
+    assert (nb["metadata"]["papermill"]["end_time"] is None) == (name == "killed")
+    handle = _failed_run(backend, service, checkout, committed, output)
+    result = _observed(backend, handle, checkout, tmp_path, monkeypatch)
+    assert result["state"] == "failed" and result["error"] is None
+    assert result["message"].startswith("UserError: User program failed")
+
+
+@pytest.mark.slow
+def test_v1_keeps_failed_for_a_clean_notebook_in_a_failed_run(
+    backend, service, checkout, tmp_path, monkeypatch, executed
+):
+    committed, output = executed["clean"]
+    handle = _failed_run(backend, service, checkout, committed, output)
+    service.runs[handle.run_id].error_message = "Job preempted: the node was lost"
+    status = backend.status(handle)
+    assert (status.state, status.message) == ("failed", "Job preempted: the node was lost")
+
+
+@pytest.mark.slow
+def test_v1_names_a_missing_ipykernel_from_papermills_log(
+    backend, service, checkout, tmp_path, monkeypatch, executed
+):
+    """papermill really ran on a kernel whose Python lacks ipykernel: its output notebook has
+    no cell started, and its log (the run's std_log.txt) says why."""
+    committed, output = executed["no-ipykernel"]
+    log = executed["no-ipykernel-log"][1]
+    assert b"No module named ipykernel_launcher" in log
+    handle = _failed_run(backend, service, checkout, committed, output)
+    service.runs[handle.run_id].files["user_logs/std_log.txt"] = log
+    result = _observed(backend, handle, checkout, tmp_path, monkeypatch)
+    assert result["state"] == "failed" and result["error"] is None
+    assert result["message"].startswith(
+        "the environment nb-env@latest lacks ipykernel, which the azureml-v1 runner"
+    )
+    assert "No module named ipykernel_launcher" in result["message"]
+    assert "add ipykernel to its pip dependencies" in result["message"]

@@ -126,7 +126,7 @@ class AzureMLBackend:
 
         if isinstance(exc, (ServiceRequestError, ServiceResponseError, ConnectionError)):
             raise exc
-        if _storage_refused(exc):
+        if common.storage_refused(exc):
             raise PermanentBackendError(
                 f"Azure ML could not read the storage of workspace {workspace} to {what} "
                 f"({common.one_line(exc, 300)}); {common.STORAGE_ROLE_HINT}"
@@ -447,19 +447,6 @@ def _credential_hiccup(exc: Exception) -> bool:
     if code is not None:
         return common.transient_status(code)
     return common.transient_text(str(exc))
-
-
-def _storage_refused(exc: Exception) -> bool:
-    """Blob storage said no to the identity (identity-based datastore, no data role)."""
-    text = str(exc)
-    return any(
-        word in text
-        for word in (
-            "AuthorizationPermissionMismatch",
-            "AuthorizationFailure",
-            "not authorized to perform this operation",
-        )
-    )
 
 
 def _entry_report(folder: Path) -> str | None:

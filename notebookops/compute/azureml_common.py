@@ -261,6 +261,19 @@ def permanent_hint(code: int | None, text: str, *, workspace: WorkspaceRef, what
     return f"Azure ML refused to {what} in workspace {workspace} ({status}{one_line(text)}); {fix}"
 
 
+def storage_refused(exc: BaseException) -> bool:
+    """Blob storage said no to the identity (an identity-based datastore, no data role)."""
+    text = str(exc)
+    return any(
+        word in text
+        for word in (
+            "AuthorizationPermissionMismatch",
+            "AuthorizationFailure",
+            "not authorized to perform this operation",
+        )
+    )
+
+
 def exists_error(text: str) -> bool:
     """The service's words for a duplicate job name / run id (reference §6.3)."""
     return "already exists" in text.lower()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from notebookops.compute.base import (
     CANCELED,
     FAILED,
     QUEUED,
+    SUCCEEDED,
     TERMINAL_STATES,
     PermanentBackendError,
     RunHandle,
@@ -31,7 +33,15 @@ from notebookops.compute.base import (
     RunStatus,
     parse_iso,
 )
-from notebookops.notebook_errors import error_from_file
+from notebookops.notebook_errors import (
+    ALLOW_ERRORS_TAG,
+    ERROR_MARKER_TAG,
+    error_from_file,
+    first_error,
+    load_notebook_json,
+)
+
+log = logging.getLogger(__name__)
 
 # The contrib runner imports pkg_resources, which setuptools 82 removed (reference §1.3).
 SETUPTOOLS_PIN = "setuptools<82"
@@ -113,6 +123,23 @@ def parse_environment(reference: str) -> tuple[str, str | None, str | None]:
     return ref.name, ref.version, ref.label
 
 
+RUNNER_PACKAGES = ("papermill", "ipykernel")
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.lower())
+
+
+def _lists(env: Any, package: str) -> bool:
+    """The environment's conda or pip list names `package` itself (any version, extras)."""
+    deps = env.python.conda_dependencies
+    for entry in [*deps.pip_packages, *deps.conda_packages]:
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", str(entry))
+        if match and _normalised(match[1]) == _normalised(package):
+            return True
+    return False
+
+
 _SETUPTOOLS = re.compile(r"\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?P<spec>.*)")
 
 
@@ -188,6 +215,12 @@ class AzureMLV1Backend:
         if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError)):
             raise exc
         text = str(exc)
+        if common.storage_refused(exc):
+            raise PermanentBackendError(
+                f"Azure ML's storage refused the app's identity to {what} in workspace "
+                f"{workspace} ({common.one_line(_service_message(text), 300)}); "
+                f"{common.STORAGE_ROLE_HINT}"
+            ) from None
         if type(exc).__name__ == "AuthenticationException" and common.transient_text(text):
             raise exc  # the managed-identity endpoint or Entra ID did not answer
         code = getattr(exc, "status_code", None)
@@ -244,8 +277,14 @@ class AzureMLV1Backend:
         # as a new version of the user's environment; give it a name of its own.
         env.name = f"{ENV_PREFIX}{name}"[:_ENV_NAME_MAX]
         env.version = None
-        if not env.python.user_managed_dependencies and not _setuptools_pinned_below_82(env):
-            env.python.conda_dependencies.add_pip_package(SETUPTOOLS_PIN)
+        if not env.python.user_managed_dependencies:
+            if not _setuptools_pinned_below_82(env):
+                env.python.conda_dependencies.add_pip_package(SETUPTOOLS_PIN)
+            # azureml-contrib-notebook (added by NotebookRunConfig) requires both today; listed
+            # by name, the image has what the runner imports whatever that package declares.
+            for package in RUNNER_PACKAGES:
+                if not _lists(env, package):
+                    env.python.conda_dependencies.add_pip_package(package)
         return env
 
     def build_config(self, spec: RunSpec, source_dir: Path, environment: Any) -> Any:
@@ -286,15 +325,19 @@ class AzureMLV1Backend:
         ref = common.workspace_for(spec.compute)
         common.check_parameters(spec)
         output = f"outputs/{PurePosixPath(spec.notebook).name}"
+        # Named in the result when the run's log shows the runner's packages missing.
+        about: dict[str, Any] = {"environment": _environment_label(spec)}
         # The run id is the idempotency key (reference §6.3): find before creating.
         existing = self._get_run(ref, spec.run_key)
         if existing is not None:
             self._tag(ref, existing, spec)
-            return self._handle(spec.run_key, existing, ref, output)
+            return self._handle(spec.run_key, existing, ref, output, about)
         staged = self._work() / "source" / spec.run_key
         try:
             inner = common.stage_source(spec, staged)
-            config = self.build_config(spec, staged, self._environment(spec, ref))
+            environment = self._environment(spec, ref)
+            about["userManaged"] = bool(environment.python.user_managed_dependencies)
+            config = self.build_config(spec, staged, environment)
             # After NotebookRunConfig wrote its runner script: the snapshot is final.
             files, size = common.apply_ignore_files(staged, keep=[inner, config.script])
             common.check_snapshot_limits(files, size, spec)
@@ -310,12 +353,12 @@ class AzureMLV1Backend:
                     run = self._get_run(ref, spec.run_key)
                     if run is not None:
                         self._tag(ref, run, spec)
-                        return self._handle(spec.run_key, run, ref, output)
+                        return self._handle(spec.run_key, run, ref, output, about)
                 self._raise_for(exc, ref, f"submit run {spec.run_key}")
                 raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        return self._handle(spec.run_key, run, ref, output)
+        return self._handle(spec.run_key, run, ref, output, about)
 
     def _tag(self, ref: common.WorkspaceRef, run: Any, spec: RunSpec) -> None:
         """The v1 start-run request carries no tags: `Experiment.submit` tags the run in a
@@ -330,7 +373,14 @@ class AzureMLV1Backend:
             self._raise_for(exc, ref, f"tag run {spec.run_key}")
             raise
 
-    def _handle(self, run_id: str, run: Any, ref: common.WorkspaceRef, output: str) -> RunHandle:
+    def _handle(
+        self,
+        run_id: str,
+        run: Any,
+        ref: common.WorkspaceRef,
+        output: str,
+        about: dict[str, Any] | None = None,
+    ) -> RunHandle:
         try:
             portal = run.get_portal_url()
         except Exception:  # the link is a convenience; the run exists either way
@@ -339,7 +389,7 @@ class AzureMLV1Backend:
             backend=self.name,
             run_id=run_id,
             portal_url=portal,
-            data={"workspace": ref.to_dict(), "output": output},
+            data={"workspace": ref.to_dict(), "output": output, **(about or {})},
         )
 
     # -- status, cancel, output ----------------------------------------------------------------
@@ -347,6 +397,15 @@ class AzureMLV1Backend:
     def _run_for(self, handle: RunHandle) -> tuple[common.WorkspaceRef, Any | None]:
         ref = common.WorkspaceRef.from_dict(handle.data.get("workspace"))
         return ref, self._get_run(ref, handle.run_id)
+
+    def find_run(self, compute: dict[str, Any], run_key: str, notebook: str) -> RunHandle | None:
+        """The run submitted under `run_key` (its run id), or None: for a submit whose answer
+        was lost and whose retries all failed, so the run may exist without a handle."""
+        ref = common.workspace_for(compute)
+        run = self._get_run(ref, run_key)
+        if run is None:
+            return None
+        return self._handle(run_key, run, ref, f"outputs/{PurePosixPath(notebook).name}")
 
     def status(self, handle: RunHandle) -> RunStatus:
         ref, run = self._run_for(handle)
@@ -364,21 +423,26 @@ class AzureMLV1Backend:
             raise
         state, message = common.normalise_status(raw)
         error = None
-        if state == FAILED:
-            try:
-                notebook = self._download(ref, run, handle)
-            except PermanentBackendError as exc:  # the verdict stands; say why there is no cell
-                notebook, message = None, f"the run failed and its output could not be read: {exc}"
-            error = error_from_file(notebook) if notebook else None
-            reason = ((details.get("error") or {}).get("error") or {}).get("message")
-            message = common.one_line(reason) if reason else message
-            if not message and not error:
+        if state in TERMINAL_STATES:
+            notebook, refused = self._output(ref, run, handle)
+            error = error_from_file(notebook) if notebook and state == FAILED else None
+            if state == FAILED and error is None and notebook and only_allowed_errors(notebook):
+                state, message = SUCCEEDED, ALLOWED_ERRORS_MESSAGE
+            elif refused:
+                message = refused
+            elif state == FAILED:
+                reason = ((details.get("error") or {}).get("error") or {}).get("message")
+                missing = self._missing_packages(run, handle) if error is None else None
+                message = missing or (common.one_line(reason) if reason else None)
+                if not message and not error:
+                    message = (
+                        "the run failed before the notebook produced output; see its logs in "
+                        "Azure ML studio"
+                    )
+            elif state == CANCELED:
                 message = (
-                    "the run failed before the notebook produced output; see its logs in "
-                    "Azure ML studio"
+                    "canceled in Azure ML (on request, by a person, or for exceeding its timeout)"
                 )
-        elif state == CANCELED:
-            message = "canceled in Azure ML (on request, by a person, or for exceeding its timeout)"
         # Run history sets startTimeUtc when the run leaves the queue; while it waits for a
         # node or an image build the notebook has not started, whatever the DTO says.
         started = details.get("startTimeUtc") if state != QUEUED else None
@@ -391,6 +455,52 @@ class AzureMLV1Backend:
             ended_at=ended if ended and parse_iso(ended) else None,
             message=message,
         )
+
+    def _output(
+        self, ref: common.WorkspaceRef, run: Any, handle: RunHandle
+    ) -> tuple[Path | None, str | None]:
+        """(executed notebook, why it cannot be read) of a terminal run. A refused download
+        keeps the run's verdict and says why, once, instead of failing every round."""
+        try:
+            return self._download(ref, run, handle), None
+        except PermanentBackendError as exc:
+            return None, f"the run ended but its output could not be downloaded: {exc}"
+
+    def _missing_packages(self, run: Any, handle: RunHandle) -> str | None:
+        """Why a run failed before any cell, when its log says the runner's packages are
+        missing: a user-managed environment (a Docker image, a given interpreter) gets no
+        packages from us, so azureml-contrib-notebook's handler dies on its imports. Best
+        effort: None when the log cannot be read or says something else."""
+        try:
+            names = [n for n in run.get_file_names() if _LOG_FILE.search(n)]
+            found: dict[str, str] = {}
+            for name in names[:_LOGS_READ]:
+                text = self._log_tail(run, handle, name)
+                for match in _NO_MODULE.finditer(text):
+                    package = _RUNNER_PACKAGES.get(match["module"].split(".")[0])
+                    if package and package not in found:
+                        found[package] = f'{name} says "{match[0]}"'
+        except Exception as exc:  # the log is a diagnosis, never the verdict
+            log.info("log of run %s unavailable: %s", handle.run_id, common.one_line(exc, 200))
+            return None
+        if not found:
+            return None
+        return missing_packages_message(
+            str(handle.data.get("environment") or "the run's environment"),
+            list(found),
+            handle.data.get("userManaged"),
+            next(iter(found.values())),
+        )
+
+    def _log_tail(self, run: Any, handle: RunHandle, name: str) -> str:
+        folder = self._work() / "outputs" / handle.run_id / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / PurePosixPath(name).name
+        if not path.is_file():
+            run.download_file(name, output_file_path=str(path))
+        with open(path, "rb") as handle_:
+            handle_.seek(max(0, path.stat().st_size - _LOG_TAIL_BYTES))
+            return handle_.read().decode("utf-8", errors="replace")
 
     def cancel(self, handle: RunHandle) -> None:
         ref, run = self._run_for(handle)
@@ -433,18 +543,105 @@ class AzureMLV1Backend:
             raise RunNotFinishedError(
                 f"Azure ML run {handle.run_id!r} has not finished (status {raw})"
             )
-        try:
-            found = self._download(ref, run, handle)
-        except PermanentBackendError:
+        found, refused = self._output(ref, run, handle)
+        if found is None or refused:
             return None  # status() has said why
-        if found is None:
-            return None
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / found.name
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if raw == "Failed" and only_allowed_errors(found):
+            # The verdict is `succeeded` (see status): drop papermill's red "An exception was
+            # encountered" markers, as the v2 entry script does for the same notebook.
+            nb = load_notebook_json(found) or {}
+            nb["cells"] = [c for c in nb.get("cells") or [] if not _is_marker(c)]
+            dest.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
+            return dest
         shutil.copyfile(found, dest)
         return dest
+
+
+ALLOWED_ERRORS_MESSAGE = (
+    "every error was in a cell tagged raises-exception, which is allowed; Azure ML reports "
+    "the run Failed because papermill's final check (in azureml-contrib-notebook's runner) "
+    "fails such notebooks"
+)
+
+
+def _is_marker(cell: Any) -> bool:
+    tags = (cell.get("metadata") or {}).get("tags") if isinstance(cell, dict) else None
+    return isinstance(tags, list) and ERROR_MARKER_TAG in tags
+
+
+def only_allowed_errors(path: Path) -> bool:
+    """True when papermill ran every cell of the executed notebook at `path` to its end and
+    its only errors are in cells tagged `raises-exception`.
+
+    nbclient lets such a cell fail and goes on, but papermill's final check then raises at it,
+    so the v1 runner fails the run; the local backend and the v2 entry script let it pass.
+    Anything else is a real failure: a notebook papermill did not finish (its end time unset),
+    a cell that never started or never ended (a kill, a timeout, a dead kernel), a cell error
+    not allowed, or no error at all (the run failed for another reason)."""
+    nb = load_notebook_json(path)
+    if nb is None or not isinstance(nb.get("cells"), list):
+        return False
+    meta = (nb.get("metadata") or {}).get("papermill")
+    if not isinstance(meta, dict) or not meta.get("end_time"):
+        return False
+    allowed = False
+    for cell in nb["cells"]:
+        if not isinstance(cell, dict) or _is_marker(cell):
+            continue
+        timing = (cell.get("metadata") or {}).get("papermill") or {}
+        if not (isinstance(timing, dict) and timing.get("start_time") and timing.get("end_time")):
+            return False
+        tags = (cell.get("metadata") or {}).get("tags") or []
+        errors = [o for o in cell.get("outputs") or [] if o.get("output_type") == "error"]
+        allowed = allowed or bool(errors and ALLOW_ERRORS_TAG in tags)
+    return allowed and first_error(nb) is None
+
+
+def missing_packages_message(
+    environment: str, packages: list[str], user_managed: bool | None, evidence: str
+) -> str:
+    names = " and ".join(packages)
+    if user_managed is True:
+        fix = (
+            f"its dependencies are user-managed (a Docker image or a given interpreter), so "
+            f"notebookops cannot add them: install {' '.join(packages)} in that image"
+        )
+    elif user_managed is False:
+        fix = f"add {' '.join(packages)} to its pip dependencies and register a new version"
+    else:
+        fix = (
+            f"add {' '.join(packages)} to its pip dependencies, or to its Docker image when its "
+            "dependencies are user-managed"
+        )
+    return (
+        f"the environment {environment} lacks {names}, which the azureml-v1 runner "
+        f"(azureml-contrib-notebook's papermill handler) needs ({evidence}); {fix}"
+    )
+
+
+# What the runner imports, by the module a failed import names.
+_RUNNER_PACKAGES = {
+    "papermill": "papermill",
+    "ipykernel": "ipykernel",
+    "ipykernel_launcher": "ipykernel",  # a kernelspec pointing at a Python without ipykernel
+    "azureml": "azureml-contrib-notebook",  # the handler's first import
+}
+_NO_MODULE = re.compile(r"No module named '?(?P<module>[A-Za-z_][\w.]*)'?")
+# The driver's stdout/stderr: user_logs/std_log.txt on current images, 70_driver_log before.
+_LOG_FILE = re.compile(r"(?:^|/)(?:user_logs/std_log|azureml-logs/70_driver_log)[^/]*\.txt$")
+_LOGS_READ = 4
+_LOG_TAIL_BYTES = 256 * 1024
+
+
+def _environment_label(spec: RunSpec) -> str:
+    reference = (
+        spec.compute.get("environment") or os.environ.get(common.ENVIRONMENT_SETTING, "").strip()
+    )
+    return str(reference) if reference else f"{DEFAULT_ENVIRONMENT_NAME} (notebookops' default)"
 
 
 def _service_message(text: str) -> str:
