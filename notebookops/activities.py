@@ -235,6 +235,7 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
     checkout = payload.get("checkout")
     for stop in payload.get("cancel", []):
         results.append(_stop(payload["instanceId"], stop, checkout))
+    orphans = [_cancel_orphan(payload["instanceId"], o) for o in payload.get("orphans") or []]
     for run in payload.get("runs", []):
         handle = RunHandle.from_dict(run["handle"])
         try:
@@ -251,6 +252,8 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
     client = _devops(payload)
     _tell(client, [_end_line(r) for r in results if r.get("state") in _TERMINAL])
     answer: dict[str, Any] = {"runs": results}
+    if orphans:
+        answer["orphans"] = orphans
     if payload.get("checkPipeline") and client is not None:
         answer["pipeline"] = _pipeline_state(client)
     return _disabled(client, answer)
@@ -318,6 +321,34 @@ def _stop(instance_id: str, stop: dict[str, Any], checkout: str | None = None) -
         "message": stop["message"],
         "stopped": True,
     }
+
+
+def _cancel_orphan(instance_id: str, orphan: dict[str, Any]) -> dict[str, Any]:
+    """Cancel, by its run key, the run a submit may have created before its answer was lost
+    (its retries then all failed, so there is no handle). Never raises: the orchestrator
+    tries again when the run stops. `outcome`: canceled, absent (no such run: nothing was
+    created, or it is gone), finished (it ended on its own), unsupported or error."""
+    from notebookops.compute.base import run_key
+    from notebookops.compute.registry import get_backend
+
+    path = orphan["path"]
+    key = run_key(instance_id, path)
+    try:
+        backend = get_backend((orphan.get("compute") or {}).get("backend"))
+        if not hasattr(backend, "find_run"):
+            return {"path": path, "outcome": "unsupported", "runId": key}
+        handle = backend.find_run(orphan.get("compute") or {}, key, path)
+        if handle is None:
+            return {"path": path, "outcome": "absent", "runId": key}
+        if backend.status(handle).terminal:
+            return {"path": path, "outcome": "finished", "runId": key}
+        backend.cancel(handle)
+    except Exception as exc:
+        error = redact.redact_known(f"{type(exc).__name__}: {exc}")
+        log.warning("monitor: %s: run %s not canceled: %s", path, key, error)
+        return {"path": path, "outcome": "error", "runId": key, "error": error}
+    log.info("monitor: %s: canceled run %s, created by a submit whose answer was lost", path, key)
+    return {"path": path, "outcome": "canceled", "runId": key}
 
 
 def _running_cell(path: str | None, committed_path: Path | None = None) -> int | None:

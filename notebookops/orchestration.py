@@ -50,6 +50,7 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
             finished = yield from _run_rounds(context, state)
             if not finished:
                 return None  # continued as new; the next generation goes on
+            yield from cancel_orphans(context, state, final=True)
         reported = True
         return (yield from _report(context, state))
     except Exception as exc:  # an orchestrator bug or an activity out of retries
@@ -62,6 +63,7 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
             )
         state["errors"].append(f"orchestration failed: {_first_line(exc)}")
         yield from cancel_created(context, state)
+        yield from cancel_orphans(context, state, final=True)
         state["finishedAt"] = None  # the verdict is decided again, with this error
         for notebook in state["notebooks"]:
             if notebook["state"] not in policy.TERMINAL_STATES:
@@ -270,6 +272,7 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
         if result.get("pollPolicy") and not state.get("pollPolicy"):
             state["pollPolicy"] = result["pollPolicy"]
         policy.mark_submitted(notebook, result, now)
+    yield from cancel_orphans(context, state, final=False)
     context.set_custom_status(policy.custom_status(state, "running"))
 
 
@@ -302,6 +305,29 @@ def cancel_created(context: df.DurableOrchestrationContext, state: dict[str, Any
             f"could not cancel {len(stops)} run(s) ({', '.join(s['path'] for s in stops)}): "
             f"{_first_line(exc)}"
         )
+
+
+def cancel_orphans(
+    context: df.DurableOrchestrationContext, state: dict[str, Any], final: bool
+) -> Generator:
+    """Cancel by run key the runs of submits that failed after an attempt whose answer was
+    lost: right after the failure (best effort), and once more when the run stops. Never
+    raises: a failure is kept in the notebook's message."""
+    orphans = policy.orphans(state)
+    if not orphans:
+        return
+    try:
+        answer = yield context.call_activity_with_retry(
+            "ActivityMonitor",
+            ACTIVITY_RETRY,
+            {"instanceId": state["instanceId"], "runs": [], "cancel": [], "orphans": orphans},
+        )
+        results = answer.get("orphans") or []
+    except Exception as exc:
+        results = [
+            {"path": o["path"], "outcome": "error", "error": _first_line(exc)} for o in orphans
+        ]
+    policy.apply_orphans(state, results, final)
 
 
 def _report(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:

@@ -197,7 +197,12 @@ def submit_failure(error: BaseException | str) -> dict[str, Any]:
     for prefix in ("Activity function 'ActivitySubmit' failed:", "TransientError:"):
         if text.startswith(prefix):
             text = text[len(prefix) :].strip()
-    return {"ok": False, "error": f"submit failed after its retries: {text or 'unknown error'}"}
+    return {
+        "ok": False,
+        "error": f"submit failed after its retries: {text or 'unknown error'}",
+        # An attempt may have created the run before its answer was lost: cancel it by key.
+        "mayExist": True,
+    }
 
 
 def mark_submitted(notebook: dict[str, Any], result: dict[str, Any], now: datetime) -> None:
@@ -211,6 +216,8 @@ def mark_submitted(notebook: dict[str, Any], result: dict[str, Any], now: dateti
             message=one_line(result.get("error") or "submit failed"),
             ename=result.get("ename") or "SubmitFailed",
         )
+        if result.get("mayExist"):
+            notebook["orphan"] = "pending"
         return
     if result.get("warnings"):
         notebook["warnings"] = list(result["warnings"])
@@ -609,3 +616,42 @@ def started_lines(state: dict[str, Any]) -> list[str]:
     ]
     lines += [f"  {n['path']}" for n in state["notebooks"]]
     return lines
+
+
+# A run a submit may have created although the submit failed (see submit_failure): to cancel
+# by its run key now, and again when the run stops if that did not get through.
+_ORPHAN_RETRY = frozenset({"pending", "error"})
+
+
+def orphans(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs to cancel by run key, with what the backend needs to find them."""
+    return [
+        {"path": n["path"], "compute": compute_for(state, n)}
+        for n in state["notebooks"]
+        if n.get("orphan") in _ORPHAN_RETRY
+    ]
+
+
+def apply_orphans(state: dict[str, Any], results: list[dict[str, Any]], final: bool) -> None:
+    """Record what cancelling by run key found. `final`: the run is stopping, so a cancel that
+    failed again is not tried any more, and the notebook's message says the run may go on."""
+    by_path = {n["path"]: n for n in state["notebooks"]}
+    for result in results:
+        notebook = by_path.get(result.get("path"))
+        if notebook is None or notebook.get("orphan") not in _ORPHAN_RETRY:
+            continue
+        outcome = result.get("outcome") or "error"
+        run = result.get("runId") or "(named by its run key)"
+        note = None
+        if outcome == "canceled":
+            note = f"its run {run}, created before an answer was lost, was canceled"
+        elif outcome == "error" and final:
+            outcome = "left"
+            note = (
+                f"its run {run} may have been created before an answer was "
+                f"lost and could not be canceled ({one_line(result.get('error') or '', 200)}); "
+                "cancel it in the service"
+            )
+        notebook["orphan"] = outcome
+        if note:
+            notebook["message"] = f"{notebook.get('message') or 'submit failed'}; {note}"

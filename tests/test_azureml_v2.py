@@ -980,3 +980,96 @@ def test_a_pipeline_run_on_azure_ml_at_the_wire(flow_env, service, credential, m
         assert job.body["properties"]["tags"]["notebookops.instance"] == instance
     assert service.unrouted == []
     assert fakes.FakeCredential.TOKEN not in json.dumps(summary)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("throttled_after", [0, 4, 1000])
+def test_a_job_created_by_a_lost_answer_is_canceled_by_its_run_key(
+    flow_env, service, credential, monkeypatch, throttled_after
+):
+    """The first submit attempt's PUT creates the job but its answer is lost; every request
+    after that meets a 429 until the orchestrator runs out of attempts, so the notebook fails
+    with no handle. The job exists all the same: the orchestrator cancels it by its run key
+    (the job name), request by request below, and says so in the notebook's message.
+
+    `throttled_after`: reads still throttled once the submit gave up. 0: the cancel right
+    after the failure gets through; 4: that one meets a 429 (the SDK's 4 tries) and the cancel
+    when the run stops gets through; 1000: neither does, and the message says so."""
+    from notebookops.compute import registry
+    from tests.flow_support import app_host, deliver, make_repo, message, notebook
+
+    repo = make_repo(flow_env / "repo", {"nb/a.ipynb": notebook("x = 1")})
+
+    def factory(workspace):
+        return build_client(workspace, credential=credential, transport=service.transport)
+
+    monkeypatch.setitem(
+        registry._factories,
+        "azureml",
+        lambda: AzureMLBackend(client_factory=factory, work_dir=flow_env / "aml-work"),
+    )
+    storm = {"Retry-After": "5"}
+    service.lose_response(r"^PUT ws:/jobs/nb-nb-a-")  # the job is created, the answer lost
+    service.fail_next(r"^PUT ws:/jobs/nb-nb-a-", 429, times=1000, headers=storm)
+    # From the job's creation on, reads of it are throttled for the submit's remaining tries.
+    service.on_create = lambda job: service.fail_next(
+        r"^GET ws:/jobs/nb-nb-a-", 429, times=8 + throttled_after, headers=storm
+    )
+    body = message(
+        repo,
+        ["nb/a.ipynb"],
+        compute={
+            "backend": "azureml",
+            "target": "cpu-cluster",
+            "environment": "nb-env@latest",
+            "workspace": {
+                "subscriptionId": fakes.SUBSCRIPTION,
+                "resourceGroup": fakes.RESOURCE_GROUP,
+                "name": fakes.WORKSPACE,
+            },
+        },
+    )
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body)
+        status = host.wait_for(instance, 240)
+    key = run_key(instance, "nb/a.ipynb")
+    job = f"ws:/jobs/{key}"
+    seen = [(r.route.split("?")[0], r.status) for r in service.requests if key in r.route]
+    submit = [
+        # attempt 1: not there yet; the PUT is done but unanswered; the SDK's 3 retries: 429
+        (f"GET {job}", 404),
+        (f"PUT {job}", 201),
+        (f"PUT {job}", 429),
+        (f"PUT {job}", 429),
+        (f"PUT {job}", 429),
+        # attempts 2 and 3 look for the job first (4 tries each), throttled
+        *[(f"GET {job}", 429)] * 8,
+    ]
+    # Out of attempts, the notebook fails; its job is looked for by its key right away, and
+    # again when the run stops if that was throttled (the SDK's 4 tries each time).
+    throttled = {0: 0, 4: 4, 1000: 8}[throttled_after]
+    cancel = [
+        (f"GET {job}", 200),  # found
+        (f"GET {job}", 200),  # still running
+        (f"GET {job}", 200),  # read again by cancel
+        (f"POST {job}/cancel", 202),
+    ]
+    expected = submit + [(f"GET {job}", 429)] * throttled
+    assert seen == expected + (cancel if throttled_after <= 4 else []), seen
+    summary = status["output"]
+    [result] = summary["notebooks"]
+    assert result["state"] == "failed" and "429" in result["message"]
+    assert result["runId"] is None and summary["result"] == "failed"
+    if throttled_after > 4:
+        assert service.jobs[key].script[-1] != "Canceled"
+        assert (
+            f"its run {key} may have been created before an answer was lost and could "
+            "not be canceled (HttpResponseError" in result["message"]
+        )
+        assert result["message"].endswith("cancel it in the service")
+    else:
+        assert service.jobs[key].script[-1] == "Canceled"
+        assert result["message"].endswith(
+            f"its run {key}, created before an answer was lost, was canceled"
+        )
+    assert service.unrouted == []

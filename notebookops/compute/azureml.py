@@ -264,6 +264,15 @@ class AzureMLBackend:
 
     # -- status, cancel, output ----------------------------------------------------------------
 
+    def find_run(self, compute: dict[str, Any], run_key: str, notebook: str) -> RunHandle | None:
+        """The job named `run_key`, or None: for a submit whose answer was lost and whose
+        retries all failed, so the job may exist without a handle."""
+        workspace = common.workspace_for(compute)
+        job = self._get(workspace, run_key)
+        if job is None:
+            return None
+        return self._handle(run_key, job, workspace, PurePosixPath(notebook).name)
+
     def status(self, handle: RunHandle) -> RunStatus:
         workspace = common.WorkspaceRef.from_dict(handle.data.get("workspace"))
         job = self._get(workspace, handle.run_id)

@@ -370,6 +370,11 @@ class Backend(Protocol):
     - `fetch_output` copies the executed notebook to `dest` and returns it, or None when the run
       produced none; it raises RunNotFinishedError before the run is terminal.
     - Permanent failures raise PermanentBackendError; anything else is retried by the caller.
+
+    Optional: `find_run(compute, run_key, notebook) -> RunHandle | None` finds the run a
+    submit with that key created. The orchestrator uses it to cancel the run of a submit that
+    ran out of retries after an attempt whose answer was lost (the run may exist, with no
+    handle); a backend without it leaves such a run alone.
     """
 
     name: str
