@@ -1,5 +1,8 @@
 """What each activity does, as plain functions over the JSON the orchestrator sends.
 
+Each reads its input with the declaration in notebookops.payloads (checked there: a bad
+value names its field) and answers with one, as JSON; the orchestrator sees only dicts.
+
 Every activity is safe to run twice (the host runs activities at least once): clone
 reuses the checkout cache, submit maps (instance, notebook) to one run key that a backend
 never starts twice, monitor only reads and cancels, and report is idempotent per instance.
@@ -14,25 +17,36 @@ import os
 import tempfile
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from notebookops import redact, sealing
+
+if TYPE_CHECKING:
+    from notebookops.payloads import (
+        Observation,
+        Orphan,
+        OrphanOutcome,
+        Reporting,
+        ReportInput,
+        StopRun,
+        SubmitInput,
+    )
 
 log = logging.getLogger("notebookops")
 OUTPUT_DIR_SETTING = "NOTEBOOKOPS_OUTPUT_DIR"
 
 
-def _token(payload: dict[str, Any]) -> str | None:
-    token = sealing.unseal(payload.get("auth"))
+def _token(payload: Reporting) -> str | None:
+    token = sealing.unseal(payload.auth)
     if token:
         redact.register_secret(token)
     return token
 
 
-def _git_auth(url: str, payload: dict[str, Any]) -> Any:
+def _git_auth(url: str, payload: Reporting) -> Any:
     from notebookops.gitauth import GitAuth
 
-    plan_url = (payload.get("devops") or {}).get("planUrl")
+    plan_url = (payload.devops or {}).get("planUrl")
     return GitAuth.for_request(url, plan_url, _token(payload))
 
 
@@ -56,12 +70,12 @@ def _float_setting(name: str, default: float) -> float:
         return default
 
 
-def _devops(payload: dict[str, Any]) -> Any:
+def _devops(payload: Reporting) -> Any:
     """The pipeline's callback client, or None when the run has no callback values.
 
-    ``payload["disabled"]`` carries the side-call kinds an earlier activity saw refused, so
+    ``payload.disabled`` carries the side-call kinds an earlier activity saw refused, so
     each rejection is logged once per run and never knocked on again."""
-    devops = payload.get("devops")
+    devops = payload.devops
     token = _token(payload)
     if not devops or not token:
         return None
@@ -71,8 +85,8 @@ def _devops(payload: dict[str, Any]) -> Any:
     callback = Callback.from_dict({**devops, "authToken": token})
     return DevOpsClient.from_callback(
         callback,
-        log_id=payload.get("logId"),
-        disabled=payload.get("disabled") or {},
+        log_id=payload.log_id,
+        disabled=payload.disabled,
         backoff_base=_float_setting(DEVOPS_RETRY_SETTING, 1.0),
         timeout=_float_setting(DEVOPS_TIMEOUT_SETTING, 30.0),
     )
@@ -87,85 +101,94 @@ def _tell(client: Any, lines: list[str]) -> None:
         client.append_log("\n".join(lines))
 
 
-def _disabled(client: Any, answer: dict[str, Any]) -> dict[str, Any]:
-    """Hand side-call kinds refused in this activity back to the orchestrator."""
-    if client is not None and client.newly_disabled:
-        answer["disabled"] = dict(client.newly_disabled)
-    return answer
+def _newly_disabled(client: Any) -> dict[str, str] | None:
+    """Side-call kinds refused in this activity, to hand back to the orchestrator."""
+    return dict(client.newly_disabled) if client is not None and client.newly_disabled else None
+
+
+def _refused(exc: BaseException) -> dict[str, Any]:
+    from notebookops.payloads import Refusal
+
+    return Refusal(error=redact.redact_known(str(exc))).to_dict()
 
 
 def clone(payload: dict[str, Any]) -> dict[str, Any]:
+    from notebookops.payloads import CloneInput, CloneOutput
     from notebookops.repo import RepoError, resolve_and_checkout
 
-    repository = payload["repository"]
+    job = CloneInput.from_dict(payload)
+    repository = job.repository
     try:
         result = resolve_and_checkout(
-            repository["url"],
-            repository.get("ref") or "main",
-            repository.get("commit"),
-            list(payload["patterns"]),
-            auth=_git_auth(repository["url"], payload),
+            repository.url,
+            repository.ref or "main",
+            repository.commit,
+            job.patterns,
+            auth=_git_auth(repository.url, job),
         )
     except RepoError as exc:
         if exc.permanent:
-            return {"ok": False, "error": redact.redact_known(str(exc))}
+            return _refused(exc)
         raise
     log.info(
         "clone: %s at %s, %d notebook(s)",
-        repository["url"],
+        repository.url,
         result.commit[:12],
         len(result.notebooks),
     )
-    return {"ok": True, **result.to_dict()}
+    return CloneOutput(**vars(result)).to_dict()
 
 
 def submit(payload: dict[str, Any]) -> dict[str, Any]:
     from notebookops.compute.base import PermanentBackendError, RunSpec, run_key
     from notebookops.compute.registry import get_backend
+    from notebookops.payloads import Refusal, SubmitInput, SubmitOutput
     from notebookops.repo import RepoError, ensure_checkout
 
-    compute = payload.get("compute") or {}
+    job = SubmitInput.from_dict(payload)
     try:
-        backend = get_backend(compute.get("backend"))
-        checkout = ensure_checkout(
-            payload["repository"], payload["commit"], auth=_git_auth(payload["repository"], payload)
-        )
-        warnings = _parameter_warnings(payload, Path(checkout))
-        if warnings and payload.get("strictParameters"):
-            return {"ok": False, "error": warnings[0], "ename": "UnknownParameter"}
+        backend = get_backend(job.compute.get("backend"))
+        checkout = ensure_checkout(job.repository, job.commit, auth=_git_auth(job.repository, job))
+        warnings = _parameter_warnings(job, Path(checkout))
+        if warnings and job.strict_parameters:
+            return Refusal(error=warnings[0], ename="UnknownParameter").to_dict()
         spec = RunSpec(
-            run_key=run_key(payload["instanceId"], payload["path"]),
-            instance_id=payload["instanceId"],
-            notebook=payload["path"],
+            run_key=run_key(job.instance_id, job.path),
+            instance_id=job.instance_id,
+            notebook=job.path,
             checkout=str(checkout),
-            commit=payload["commit"],
-            parameters=payload.get("parameters") or {},
-            timeout_seconds=payload.get("timeoutSeconds"),
-            compute=compute,
-            tags=_tags(payload),
+            commit=job.commit,
+            parameters=job.parameters,
+            timeout_seconds=job.timeout_seconds,
+            compute=job.compute,
+            tags=_tags(job),
         )
         handle = backend.submit(spec)
     except PermanentBackendError as exc:
-        return {"ok": False, "error": redact.redact_known(str(exc))}
+        return _refused(exc)
     except RepoError as exc:
         if exc.permanent:
-            return {"ok": False, "error": redact.redact_known(str(exc))}
+            return _refused(exc)
         raise TransientError.of(exc) from None
     except Exception as exc:
         # Retried by the host; after the last attempt its text becomes that notebook's error
         # in the summary, so it is redacted here, where the secrets are known.
         raise TransientError.of(exc) from None
-    log.info("submit: %s -> %s", payload["path"], handle.run_id)
+    log.info("submit: %s -> %s", job.path, handle.run_id)
     from notebookops.render import prewarm
 
     prewarm()  # the monitor renders finished notebooks; get nbconvert ready meanwhile
     for warning in warnings:
-        log.warning("submit: %s: %s", payload["path"], warning)
-    lines = [f"submitted {payload['path']}: {handle.portal_url or handle.run_id}"]
-    client = _devops(payload)
-    _tell(client, lines + [f"warning: {payload['path']}: {w}" for w in warnings])
-    answer = {"ok": True, "handle": handle.to_dict(), "pollPolicy": _poll_policy(backend).to_dict()}
-    return _disabled(client, answer | ({"warnings": warnings} if warnings else {}))
+        log.warning("submit: %s: %s", job.path, warning)
+    lines = [f"submitted {job.path}: {handle.portal_url or handle.run_id}"]
+    client = _devops(job)
+    _tell(client, lines + [f"warning: {job.path}: {w}" for w in warnings])
+    return SubmitOutput(
+        handle=handle,
+        poll_policy=_poll_policy(backend),
+        warnings=warnings or None,
+        disabled=_newly_disabled(client),
+    ).to_dict()
 
 
 def _poll_policy(backend: Any) -> Any:
@@ -177,18 +200,18 @@ def _poll_policy(backend: Any) -> Any:
     return backend.poll_policy
 
 
-def _parameter_warnings(payload: dict[str, Any], checkout: Path) -> list[str]:
+def _parameter_warnings(job: SubmitInput, checkout: Path) -> list[str]:
     """A parameter the notebook's parameters cell does not assign: papermill would inject it
     and run on, so a misspelt name would pass silently."""
     from notebookops.parameters import unknown_parameters
 
-    given = payload.get("parameters") or {}
+    given = job.parameters
     if not given:
         return []
     try:
-        unknown = unknown_parameters(checkout / payload["path"], given)
+        unknown = unknown_parameters(checkout / job.path, given)
     except (OSError, ValueError) as exc:  # unreadable here: the backend reports it properly
-        log.info("submit: %s: parameters not checked: %s", payload["path"], exc)
+        log.info("submit: %s: parameters not checked: %s", job.path, exc)
         return []
     if not unknown:
         return []
@@ -196,11 +219,7 @@ def _parameter_warnings(payload: dict[str, Any], checkout: Path) -> list[str]:
     return [
         f"unknown parameter{'s' if len(unknown) > 1 else ''} {names}: not assigned in the "
         "notebook's parameters cell"
-        + (
-            ""
-            if payload.get("strictParameters")
-            else " (strictParameters: true makes this an error)"
-        )
+        + ("" if job.strict_parameters else " (strictParameters: true makes this an error)")
     ]
 
 
@@ -212,12 +231,12 @@ class TransientError(Exception):
         return cls(redact.redact_known(f"{type(exc).__name__}: {exc}"))
 
 
-def _tags(payload: dict[str, Any]) -> dict[str, str]:
-    devops = payload.get("devops") or {}
+def _tags(job: SubmitInput) -> dict[str, str]:
+    devops = job.devops or {}
     tags = {
-        "notebookops.instance": payload["instanceId"],
-        "notebookops.notebook": payload["path"],
-        "notebookops.commit": payload["commit"],
+        "notebookops.instance": job.instance_id,
+        "notebookops.notebook": job.path,
+        "notebookops.commit": job.commit,
     }
     for key in ("planId", "jobId", "buildId"):
         if devops.get(key):
@@ -228,35 +247,33 @@ def _tags(payload: dict[str, Any]) -> dict[str, str]:
 def monitor(payload: dict[str, Any]) -> dict[str, Any]:
     """One round over the runs still pending: cancel what must stop, read every status, and
     fetch the executed notebook of each run that finished."""
-    from notebookops.compute.base import RunHandle
+    from notebookops.payloads import MonitorInput, MonitorOutput, Observation
 
-    _wait_for_change(payload)
-    results = []
-    checkout = payload.get("checkout")
-    for stop in payload.get("cancel", []):
-        results.append(_stop(payload["instanceId"], stop, checkout))
-    orphans = [_cancel_orphan(payload["instanceId"], o) for o in payload.get("orphans") or []]
-    for run in payload.get("runs", []):
-        handle = RunHandle.from_dict(run["handle"])
+    job = MonitorInput.from_dict(payload)
+    _wait_for_change(job.runs, job.wait_seconds)
+    results = [_stop(job.instance_id, stop, job.checkout) for stop in job.cancel]
+    orphans = [_cancel_orphan(job.instance_id, orphan) for orphan in job.orphans]
+    for run in job.runs:
         try:
-            results.append(_observe(payload["instanceId"], run["path"], handle, checkout))
+            results.append(_observe(job.instance_id, run.path, run.handle, job.checkout))
         except Exception as exc:  # one unreachable run must not hide the others' progress
-            log.warning("monitor: %s: %s", run["path"], redact.redact_known(str(exc)))
+            log.warning("monitor: %s: %s", run.path, redact.redact_known(str(exc)))
             results.append(
-                {
-                    "path": run["path"],
-                    "state": None,
-                    "message": f"status unavailable: {redact.redact_known(str(exc))}",
-                }
+                Observation(
+                    path=run.path,
+                    state=None,
+                    message=f"status unavailable: {redact.redact_known(str(exc))}",
+                )
             )
-    client = _devops(payload)
-    _tell(client, [_end_line(r) for r in results if r.get("state") in _TERMINAL])
-    answer: dict[str, Any] = {"runs": results}
-    if orphans:
-        answer["orphans"] = orphans
-    if payload.get("checkPipeline") and client is not None:
-        answer["pipeline"] = _pipeline_state(client)
-    return _disabled(client, answer)
+    client = _devops(job)
+    _tell(client, [_end_line(r.to_dict()) for r in results if r.state in _TERMINAL])
+    pipeline = _pipeline_state(client) if job.check_pipeline and client is not None else None
+    return MonitorOutput(
+        runs=results,
+        orphans=orphans or None,
+        pipeline=pipeline,
+        disabled=_newly_disabled(client),
+    ).to_dict()
 
 
 _TERMINAL = {"succeeded", "failed", "canceled", "timedOut"}
@@ -277,16 +294,12 @@ def _pipeline_state(client: Any) -> str:
     return client.pipeline_state()
 
 
-def _wait_for_change(payload: dict[str, Any]) -> None:
+def _wait_for_change(runs: list[Any], wait: float) -> None:
     """Long poll: a backend that can watch its runs waits for a change before the round reads
     them, instead of the orchestrator sleeping on a timer (see PollPolicy.long_poll_seconds)."""
-    from notebookops.compute.base import RunHandle
-
-    wait = float(payload.get("waitSeconds") or 0)
-    runs = payload.get("runs") or []
     if wait <= 0 or not runs:
         return
-    handles = [RunHandle.from_dict(r["handle"]) for r in runs]
+    handles = [run.handle for run in runs]
     backend = _backend(handles[0])
     if hasattr(backend, "wait_for_change"):
         try:
@@ -304,51 +317,47 @@ def _backend(handle: Any) -> Any:
     return get_backend(handle.backend)
 
 
-def _stop(instance_id: str, stop: dict[str, Any], checkout: str | None = None) -> dict[str, Any]:
-    from notebookops.compute.base import RunHandle
-
-    handle = RunHandle.from_dict(stop["handle"])
+def _stop(instance_id: str, stop: StopRun, checkout: str | None = None) -> Observation:
+    handle = stop.handle
     backend = _backend(handle)
     status = backend.status(handle)
     if status.terminal:  # it ended on its own meanwhile: its own verdict stands
-        return _describe(instance_id, stop["path"], handle, backend, status, checkout)
+        return _describe(instance_id, stop.path, handle, backend, status, checkout)
     backend.cancel(handle)
     status = backend.status(handle)
     # The orchestrator decided why it stopped (deadline or failFast): report that.
-    return {
-        **_describe(instance_id, stop["path"], handle, backend, status, checkout),
-        "state": stop["state"],
-        "message": stop["message"],
-        "stopped": True,
-    }
+    seen = _describe(instance_id, stop.path, handle, backend, status, checkout)
+    seen.state, seen.message, seen.stopped = stop.state, stop.message, True
+    return seen
 
 
-def _cancel_orphan(instance_id: str, orphan: dict[str, Any]) -> dict[str, Any]:
+def _cancel_orphan(instance_id: str, orphan: Orphan) -> OrphanOutcome:
     """Cancel, by its run key, the run a submit may have created before its answer was lost
     (its retries then all failed, so there is no handle). Never raises: the orchestrator
     tries again when the run stops. `outcome`: canceled, absent (no such run: nothing was
     created, or it is gone), finished (it ended on its own), unsupported or error."""
     from notebookops.compute.base import run_key
     from notebookops.compute.registry import get_backend
+    from notebookops.payloads import OrphanOutcome
 
-    path = orphan["path"]
+    path = orphan.path
     key = run_key(instance_id, path)
     try:
-        backend = get_backend((orphan.get("compute") or {}).get("backend"))
+        backend = get_backend(orphan.compute.get("backend"))
         if not hasattr(backend, "find_run"):
-            return {"path": path, "outcome": "unsupported", "runId": key}
-        handle = backend.find_run(orphan.get("compute") or {}, key, path)
+            return OrphanOutcome(path=path, outcome="unsupported", run_id=key)
+        handle = backend.find_run(orphan.compute, key, path)
         if handle is None:
-            return {"path": path, "outcome": "absent", "runId": key}
+            return OrphanOutcome(path=path, outcome="absent", run_id=key)
         if backend.status(handle).terminal:
-            return {"path": path, "outcome": "finished", "runId": key}
+            return OrphanOutcome(path=path, outcome="finished", run_id=key)
         backend.cancel(handle)
     except Exception as exc:
         error = redact.redact_known(f"{type(exc).__name__}: {exc}")
         log.warning("monitor: %s: run %s not canceled: %s", path, key, error)
-        return {"path": path, "outcome": "error", "runId": key, "error": error}
+        return OrphanOutcome(path=path, outcome="error", run_id=key, error=error)
     log.info("monitor: %s: canceled run %s, created by a submit whose answer was lost", path, key)
-    return {"path": path, "outcome": "canceled", "runId": key}
+    return OrphanOutcome(path=path, outcome="canceled", run_id=key)
 
 
 def _running_cell(path: str | None, committed_path: Path | None = None) -> int | None:
@@ -359,9 +368,7 @@ def _running_cell(path: str | None, committed_path: Path | None = None) -> int |
     return running_cell_index(nb, committed) if nb else None
 
 
-def _observe(
-    instance_id: str, path: str, handle: Any, checkout: str | None = None
-) -> dict[str, Any]:
+def _observe(instance_id: str, path: str, handle: Any, checkout: str | None = None) -> Observation:
     backend = _backend(handle)
     return _describe(instance_id, path, handle, backend, backend.status(handle), checkout)
 
@@ -373,53 +380,63 @@ def _describe(
     backend: Any,
     status: Any,
     checkout: str | None = None,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "path": path,
-        "state": status.state,
-        "message": status.message,
-        "error": status.error.to_dict() if status.error else None,
-        "startedAt": status.started_at,  # execution start: the notebook's deadline counts from it
-    }
+) -> Observation:
+    from notebookops.payloads import Observation, SlowCell
+
+    seen = Observation(
+        path=path,
+        state=status.state,
+        message=status.message,
+        error=status.error,
+        started_at=status.started_at,
+    )
     if status.started_at and status.ended_at:
-        result["durationSeconds"] = round(
+        seen.duration_seconds = round(
             (_parse(status.ended_at) - _parse(status.started_at)).total_seconds(), 3
         )
-    if status.terminal:
-        dest = output_root(instance_id) / "notebooks" / PurePosixPath(path)
-        fetched = backend.fetch_output(handle, dest)
-        result["outputNotebook"] = str(fetched) if fetched else None
-        if status.state == "canceled":
-            # Stopped from outside (a deadline, the service's own timeout): where it was.
-            committed = Path(checkout) / path if checkout else None
-            result["runningCell"] = _running_cell(result["outputNotebook"], committed)
-        if fetched and result["error"] and checkout:
-            result["error"] = _numbered_against_commit(
-                result["error"], Path(fetched), Path(checkout) / path, backend
-            )
-        if fetched:
-            # Every backend's notebook lands here: render it and read its cell times once.
-            from notebookops.render import describe_output
+    if not status.terminal:
+        return seen
+    dest = output_root(instance_id) / "notebooks" / PurePosixPath(path)
+    fetched = backend.fetch_output(handle, dest)
+    seen.output_notebook = str(fetched) if fetched else None
+    if status.state == "canceled":
+        # Stopped from outside (a deadline, the service's own timeout): where it was.
+        committed = Path(checkout) / path if checkout else None
+        seen.running_cell = _running_cell(seen.output_notebook, committed)
+    if fetched and seen.error and checkout:
+        seen.error = _numbered_against_commit(
+            seen.error, Path(fetched), Path(checkout) / path, backend
+        )
+    if fetched:
+        # Every backend's notebook lands here: render it and read its cell times once.
+        from notebookops.render import describe_output
 
-            result.update(describe_output(Path(fetched), path, status.state))
-    return result
+        described = describe_output(Path(fetched), path, status.state)
+        seen.output_html = described.get("outputHtml")
+        seen.execution_seconds = described.get("executionSeconds")
+        if described.get("slowestCells") is not None:
+            seen.slowest_cells = [
+                SlowCell(cell_index=c["cellIndex"], seconds=c["seconds"])
+                for c in described["slowestCells"]
+            ]
+    return seen
 
 
-def _numbered_against_commit(
-    error: dict[str, Any], executed: Path, committed_path: Path, backend: Any
-) -> dict[str, Any]:
+def _numbered_against_commit(error: Any, executed: Path, committed_path: Path, backend: Any) -> Any:
     """A backend that sees only the executed notebook (Azure ML) counts its cells, in which
     papermill may have added or stripped some; count the failing cell against the notebook as
     committed instead, as the local backend does itself."""
     if getattr(backend, "numbers_cells_against_commit", False):
         return error
+    from dataclasses import replace
+
     from notebookops.notebook_errors import error_from_file, load_notebook_json
 
     committed = load_notebook_json(committed_path)
     renumbered = error_from_file(executed, committed) if committed else None
-    if renumbered is None or renumbered.ename != error.get("ename"):
+    if renumbered is None or renumbered.ename != error.ename:
         return error  # not the failure the backend saw: keep the backend's own account
-    return {**error, "cellIndex": renumbered.cell_index}
+    return replace(error, cell_index=renumbered.cell_index)
 
 
 def _parse(text: str) -> datetime:
@@ -435,17 +452,19 @@ def report(payload: dict[str, Any]) -> dict[str, Any]:
 
     Without callback values it only logs.
     """
-    client = _devops(payload)
-    phase = payload.get("phase", "completed")
-    if phase == "started":
-        return _report_started(client, payload)
-    if phase == "deliver":
-        return _deliver(client, payload)
-    summary = payload["summary"]
+    from notebookops.payloads import Published, ReportInput
+
+    job = ReportInput.from_dict(payload)
+    client = _devops(job)
+    if job.phase == "started":
+        return _report_started(client, job)
+    if job.phase == "deliver":
+        return _deliver(client, job)
+    summary = job.summary or {}
     table = summary_lines(summary)
     log.info("run %s finished: %s\n%s", summary["instanceId"], summary["result"], "\n".join(table))
     if client is None:
-        return {"published": False}
+        return Published(published=False).to_dict()
     if client.results_reported():
         log.info("run %s: the final table was already posted", summary["instanceId"])
     else:
@@ -456,8 +475,8 @@ def report(payload: dict[str, Any]) -> dict[str, Any]:
         client.publish_test_results(summary, _output_resolver(summary))
     except Exception as exc:
         log.warning("test results not published: %s", redact.redact_known(str(exc)))
-    _attach_summary(client, summary, payload.get("statusUrl"))
-    return _disabled(client, {"published": True})
+    _attach_summary(client, summary, job.status_url)
+    return Published(published=True, disabled=_newly_disabled(client)).to_dict()
 
 
 def _attach_summary(client: Any, summary: dict[str, Any], status_url: str | None) -> None:
@@ -471,25 +490,29 @@ def _attach_summary(client: Any, summary: dict[str, Any], status_url: str | None
     client.attach_summary(markdown)
 
 
-def _deliver(client: Any, payload: dict[str, Any]) -> dict[str, Any]:
+def _deliver(client: Any, job: ReportInput) -> dict[str, Any]:
     """One TaskCompleted attempt, plus a look at the task record when it did not land: the
     record is what says the task stopped waiting (or that an earlier attempt whose answer
     was lost got through)."""
+    from notebookops.payloads import Delivery
+
     if client is None:
-        return {"outcome": "rejected", "error": "no callback values", "status": None}
-    result = payload["result"]
-    answer = client.try_task_completed(result)
-    if answer["outcome"] in ("rejected", "unavailable"):
-        answer["record"] = _record(client)
-    attempt = payload.get("attempt")
+        return Delivery(outcome="rejected", error="no callback values").to_dict()
+    answer = Delivery(**_snake(client.try_task_completed(job.result)))
+    if answer.outcome in ("rejected", "unavailable"):
+        answer.record = _record(client)
     log.info(
         "%s",
         redact.redact_known(
-            f"TaskCompleted({result}) attempt {attempt}: {answer['outcome']}"
-            + (f" ({answer['error']})" if answer.get("error") else "")
+            f"TaskCompleted({job.result}) attempt {job.attempt}: {answer.outcome}"
+            + (f" ({answer.error})" if answer.error else "")
         ),
     )
-    return answer
+    return answer.to_dict()
+
+
+def _snake(answer: dict[str, Any]) -> dict[str, Any]:
+    return {"retry_after" if key == "retryAfter" else key: value for key, value in answer.items()}
 
 
 def _record(client: Any) -> dict[str, Any] | None:
@@ -501,14 +524,15 @@ def _record(client: Any) -> dict[str, Any] | None:
         return None
 
 
-def _report_started(client: Any, payload: dict[str, Any]) -> dict[str, Any]:
+def _report_started(client: Any, job: ReportInput) -> dict[str, Any]:
+    from notebookops.payloads import Started
+
     if client is None:
-        return {"logId": None}
-    lines = list(payload.get("lines") or [])
+        return Started(log_id=None).to_dict()
     client.task_started()
-    log_id = client.ensure_log(payload.get("logId"))
-    _tell(client, lines)
-    return _disabled(client, {"logId": log_id})
+    log_id = client.ensure_log(job.log_id)
+    _tell(client, job.lines)
+    return Started(log_id=log_id, disabled=_newly_disabled(client)).to_dict()
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:

@@ -20,14 +20,14 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import git
 import nbformat
 
 from notebookops.gitauth import GitAuth, scrub, strip_credentials, url_userinfo_secrets
+from notebookops.payloads import INVALID, NOT_FOUND, CloneResult, ResolvedNotebook
 
 log = logging.getLogger(__name__)
 
@@ -68,59 +68,6 @@ class RepoError(Exception):
 
     def __str__(self) -> str:
         return self.message
-
-
-NOT_FOUND = "NotebookNotFound"
-INVALID = "InvalidNotebook"
-
-
-@dataclass(frozen=True, order=True)
-class ResolvedNotebook:
-    """One notebook to run, or one that cannot run: `problem` says why, `problem_type` is the
-    ename it is reported with (NOT_FOUND or INVALID). Such a notebook fails alone."""
-
-    path: str  # POSIX, relative to the repository root (the pattern, for a glob matching none)
-    entry_index: int  # which request entry produced it (first entry wins)
-    problem: str | None = None
-    problem_type: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": self.path, "entryIndex": self.entry_index}
-        if self.problem is not None:
-            out.update(problem=self.problem, problemType=self.problem_type or INVALID)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ResolvedNotebook:
-        problem = data.get("problem")
-        return cls(
-            path=str(data["path"]),
-            entry_index=int(data["entryIndex"]),
-            problem=str(problem) if problem is not None else None,
-            problem_type=str(data.get("problemType") or INVALID) if problem is not None else None,
-        )
-
-
-@dataclass
-class CloneResult:
-    commit: str
-    checkout: str
-    notebooks: list[ResolvedNotebook] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "commit": self.commit,
-            "checkout": self.checkout,
-            "notebooks": [nb.to_dict() for nb in self.notebooks],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CloneResult:
-        return cls(
-            commit=str(data["commit"]),
-            checkout=str(data["checkout"]),
-            notebooks=[ResolvedNotebook.from_dict(nb) for nb in data.get("notebooks", [])],
-        )
 
 
 # --------------------------------------------------------------------------- running git

@@ -1,9 +1,11 @@
 """The compute backend contract: what the orchestrator's activities need from whatever runs a
 notebook.
 
-Everything here is SDK-agnostic and travels between durable activities as JSON through the
-`to_dict()` / `from_dict()` pairs (camelCase keys, like the rest of the app's JSON). Backends
-live in their own modules (`local`, `azureml`, `azureml_v1`) and are found through `registry`.
+Everything here is SDK-agnostic and travels between durable activities as JSON: each type is
+declared once, as a dataclass, and notebookops.contract gives it `to_dict()` (camelCase keys,
+like the rest of the app's JSON) and `from_dict()` (checked by pydantic, every problem named).
+Backends live in their own modules (`local`, `azureml`, `azureml_v1`) and are found through
+`registry`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from notebookops.contract import Contract, camel
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -40,24 +44,6 @@ class PermanentBackendError(BackendError):
 
 class RunNotFinishedError(BackendError):
     """Output was asked for before the run reached a terminal state (transient: ask again later)."""
-
-
-def _require(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    if key not in data:
-        raise ValueError(f"{where}: missing field {key!r}")
-    value = data[key]
-    if not isinstance(value, kind):
-        raise ValueError(f"{where}: field {key!r} has invalid value {value!r}")
-    return value
-
-
-def _optional(data: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    value = data.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise ValueError(f"{where}: field {key!r} has invalid value {value!r}")
-    return value
 
 
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
@@ -89,8 +75,11 @@ def run_key(instance_id: str, notebook_path: str) -> str:
     return f"{_KEY_PREFIX}{slug}-{digest}" if slug else f"{_KEY_PREFIX}{digest}"
 
 
+State = Literal["queued", "running", "succeeded", "failed", "canceled", "timedOut"]
+
+
 @dataclass
-class RunSpec:
+class RunSpec(Contract):
     """One notebook to run. Backends copy `checkout` and never write into it."""
 
     run_key: str
@@ -106,45 +95,14 @@ class RunSpec:
     compute: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "runKey": self.run_key,
-            "instanceId": self.instance_id,
-            "notebook": self.notebook,
-            "checkout": self.checkout,
-            "commit": self.commit,
-            "parameters": self.parameters,
-            "timeoutSeconds": self.timeout_seconds,
-            "compute": self.compute,
-            "tags": self.tags,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
-        where = "RunSpec"
-        timeout = (
-            _optional(data, "timeoutSeconds", (int, float), where)
-            if isinstance(data, dict)
-            else None
-        )
-        spec = cls(
-            run_key=_require(data, "runKey", str, where),
-            instance_id=_require(data, "instanceId", str, where),
-            notebook=_require(data, "notebook", str, where),
-            checkout=_require(data, "checkout", str, where),
-            commit=_require(data, "commit", str, where),
-            parameters=_optional(data, "parameters", dict, where) or {},
-            timeout_seconds=float(timeout) if timeout is not None else None,
-            compute=_optional(data, "compute", dict, where) or {},
-            tags=_optional(data, "tags", dict, where) or {},
-        )
-        if isinstance(timeout, bool) or (timeout is not None and timeout <= 0):
-            raise ValueError(f"{where}: field 'timeoutSeconds' has invalid value {timeout!r}")
-        return spec
+    def __post_init__(self) -> None:
+        timeout = self.timeout_seconds
+        if isinstance(timeout, bool) or (timeout is not None and not timeout > 0):
+            raise ValueError(f"RunSpec: field 'timeoutSeconds' has invalid value {timeout!r}")
 
 
 @dataclass
-class RunHandle:
+class RunHandle(Contract):
     """Where a run lives. `data` is backend-private, enough for a new process to find the run."""
 
     backend: str
@@ -152,27 +110,9 @@ class RunHandle:
     portal_url: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "runId": self.run_id,
-            "portalUrl": self.portal_url,
-            "data": self.data,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunHandle:
-        where = "RunHandle"
-        return cls(
-            backend=_require(data, "backend", str, where),
-            run_id=_require(data, "runId", str, where),
-            portal_url=_optional(data, "portalUrl", str, where),
-            data=_optional(data, "data", dict, where) or {},
-        )
-
 
 @dataclass
-class RunError:
+class RunError(Contract):
     """Why a notebook failed. `cell_index` counts all cells of the notebook as committed (0-based,
     markdown and raw cells included, cells inserted by papermill excluded); None when no cell is to
     blame.
@@ -183,28 +123,9 @@ class RunError:
     evalue: str
     traceback: str = ""  # joined lines, ANSI escape codes stripped
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "cellIndex": self.cell_index,
-            "ename": self.ename,
-            "evalue": self.evalue,
-            "traceback": self.traceback,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunError:
-        where = "RunError"
-        index = _optional(data, "cellIndex", int, where) if isinstance(data, dict) else None
-        return cls(
-            cell_index=index,
-            ename=_require(data, "ename", str, where),
-            evalue=_require(data, "evalue", str, where),
-            traceback=_optional(data, "traceback", str, where) or "",
-        )
-
 
 @dataclass
-class RunStatus:
+class RunStatus(Contract):
     """A normalised snapshot of a run. `raw_status` is the backend's own word for it.
 
     `state` is `queued` for as long as the notebook does not execute: waiting in a service's
@@ -218,7 +139,7 @@ class RunStatus:
     - `ended_at`: when the run reached its terminal state (same format), if known.
     """
 
-    state: str
+    state: State
     raw_status: str
     error: RunError | None = None
     started_at: str | None = None
@@ -226,42 +147,20 @@ class RunStatus:
     message: str | None = None
 
     def __post_init__(self) -> None:
+        # Backends build these directly, without from_dict: the same checks either way.
         if self.state not in STATES:
             raise ValueError(f"RunStatus: field 'state' has invalid value {self.state!r}")
         for name in ("started_at", "ended_at"):
             value = getattr(self, name)
             if value is not None and parse_iso(value) is None:
                 raise ValueError(
-                    f"RunStatus: field {_camel(name)!r} has invalid value {value!r} "
+                    f"RunStatus: field {camel(name)!r} has invalid value {value!r} "
                     "(expected an ISO 8601 time with a UTC offset or Z)"
                 )
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "rawStatus": self.raw_status,
-            "error": self.error.to_dict() if self.error else None,
-            "startedAt": self.started_at,
-            "endedAt": self.ended_at,
-            "message": self.message,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunStatus:
-        where = "RunStatus"
-        error = _optional(data, "error", dict, where) if isinstance(data, dict) else None
-        return cls(
-            state=_require(data, "state", str, where),
-            raw_status=_require(data, "rawStatus", str, where),
-            error=RunError.from_dict(error) if error else None,
-            started_at=_optional(data, "startedAt", str, where),
-            ended_at=_optional(data, "endedAt", str, where),
-            message=_optional(data, "message", str, where),
-        )
 
 
 def parse_iso(text: str) -> datetime | None:
@@ -276,13 +175,8 @@ def parse_iso(text: str) -> datetime | None:
     return value.astimezone(UTC) if value.tzinfo is not None else None
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
 @dataclass(frozen=True)
-class PollPolicy:
+class PollPolicy(Contract):
     """How the orchestrator spaces monitor rounds for a backend: a capped geometric backoff.
 
     A backend that can wait for a state change itself (`wait_for_change`) sets
@@ -336,29 +230,6 @@ class PollPolicy:
             if value >= self.max_interval_seconds:
                 return self.max_interval_seconds
         return min(value, self.max_interval_seconds)
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "firstIntervalSeconds": self.first_interval_seconds,
-            "factor": self.factor,
-            "maxIntervalSeconds": self.max_interval_seconds,
-            "longPollSeconds": self.long_poll_seconds,
-            "pushIntervalSeconds": self.push_interval_seconds,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PollPolicy:
-        where = "PollPolicy"
-        number = (int, float)
-        return cls(
-            first_interval_seconds=float(_require(data, "firstIntervalSeconds", number, where)),
-            factor=float(_require(data, "factor", number, where)),
-            max_interval_seconds=float(_require(data, "maxIntervalSeconds", number, where)),
-            long_poll_seconds=float(_optional(data, "longPollSeconds", number, where) or 0.0),
-            push_interval_seconds=float(
-                _optional(data, "pushIntervalSeconds", number, where) or 0.0
-            ),
-        )
 
 
 @runtime_checkable
