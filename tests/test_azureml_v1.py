@@ -662,7 +662,7 @@ def test_find_run_by_key_finds_the_run_or_none(backend, service, checkout):
 def test_the_monitor_cancels_a_run_by_its_key_when_its_submit_gave_up(
     backend, service, checkout, monkeypatch
 ):
-    """activities._cancel_orphan, what the orchestrator asks for when a submit ran out of
+    """ActivityMonitor's `orphans`, what the orchestrator asks for when a submit ran out of
     retries after an attempt whose answer was lost: the run is found by its run id (the run
     key) and canceled; no run, or a finished one, is left alone; a failure is an outcome."""
     from notebookops import activities
@@ -671,21 +671,26 @@ def test_the_monitor_cancels_a_run_by_its_key_when_its_submit_gave_up(
     monkeypatch.setitem(registry._factories, "azureml-v1", lambda: backend)
     spec = _spec(checkout)
     orphan = {"path": spec.notebook, "compute": spec.compute}
-    assert activities._cancel_orphan("inst-1", orphan)["outcome"] == "absent"
+
+    def cancel_by_key() -> dict:
+        (outcome,) = activities.monitor({"instanceId": "inst-1", "orphans": [orphan]})["orphans"]
+        return outcome
+
+    assert cancel_by_key()["outcome"] == "absent"
     service.next_script = ["Running"]
     backend.submit(spec)
-    answer = activities._cancel_orphan("inst-1", orphan)
+    answer = cancel_by_key()
     assert answer == {"path": spec.notebook, "outcome": "canceled", "runId": spec.run_key}
     assert service.count("cancel") == 1
     while not backend.status(backend.find_run(spec.compute, spec.run_key, spec.notebook)).terminal:
         pass
-    assert activities._cancel_orphan("inst-1", orphan)["outcome"] == "finished"
+    assert cancel_by_key()["outcome"] == "finished"
 
     def throttled(ws, run_id):
         raise ExperimentExecutionException('{"status_code": 429, "error_details": {}}')
 
     service.get_run = throttled
-    answer = activities._cancel_orphan("inst-1", orphan)
+    answer = cancel_by_key()
     assert answer["outcome"] == "error" and "429" in answer["error"]
     assert service.count("cancel") == 1
 
