@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format check bench serve demo-submit clean browser
+.PHONY: demo test test-fast lint format check bench serve demo-submit clean browser schema
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# The message's JSON Schema, generated from notebookops/message.py (a test fails when stale).
+schema: $(STAMP)
+	$(PY) -m notebookops.message > schemas/message.schema.json
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -11,10 +11,12 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from notebookops import redact, sealing
-from notebookops.request import Callback, inspect_message
+
+if TYPE_CHECKING:
+    from notebookops.request import Callback
 
 log = logging.getLogger("notebookops")
 ORCHESTRATOR = "OrchestratorFunction"
@@ -64,6 +66,10 @@ async def start_from_message(
     headers: Mapping[str, str] | None = None,
     message_id: str | None = None,
 ) -> StartOutcome:
+    # Imported here: the message models (pydantic) cost start-up time every function pays,
+    # while only a starter that receives a message needs them.
+    from notebookops.request import inspect_message
+
     request, callback, errors = inspect_message(body, properties=properties, headers=headers)
     if callback is not None:
         redact.register_secret(callback.auth_token)

@@ -104,9 +104,14 @@ def test_design_example_parses_with_callback_from_properties():
     request = parse_request(json.dumps(message).encode(), properties=properties())
     assert request.repository_url == "https://dev.azure.com/org/proj/_git/repo"
     assert [e.path for e in request.notebooks] == ["nb/a.ipynb", "nb/smoke/*.ipynb", "nb/b.ipynb"]
-    assert request.notebooks[2] == NotebookEntry("nb/b.ipynb", {"alpha": 0.5}, 30, False)
+    assert request.notebooks[2] == NotebookEntry(
+        path="nb/b.ipynb", parameters={"alpha": 0.5}, timeout_minutes=30, allow_failure=False
+    )
     assert request.compute == ComputeSpec(
-        "azureml", "cpu-cluster", "azureml:nb-env@latest", "notebook-ci"
+        backend="azureml",
+        target="cpu-cluster",
+        environment="azureml:nb-env@latest",
+        experiment="notebook-ci",
     )
     assert request.callback is not None
     assert request.callback.plan_id == PLAN and request.callback.auth_token == TOKEN
