@@ -14,7 +14,6 @@ import logging
 import pickle
 import socket
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -668,7 +667,9 @@ def test_the_token_appears_in_no_log_exception_repr_or_output(
         with pytest.raises(CallbackRejected) as rejected:
             client.task_completed("succeeded")
         seen += [str(rejected.value), repr(rejected.value)]
-        stale = replace(devops.callback(), auth_token="another-token-the-server-refuses")
+        stale = devops.callback().model_copy(
+            update={"auth_token": "another-token-the-server-refuses"}
+        )
         wrong = DevOpsClient.from_callback(stale, sleep=Sleeps())
         with pytest.raises(CallbackRejected) as unauthorized:
             wrong.task_state()
