@@ -126,6 +126,26 @@ def test_every_example_message_points_at_the_schema_and_both_agree(name):
     assert bool(errors) == bool(schema_errors) == (name == "invalid.json"), (errors, schema_errors)
 
 
+@pytest.mark.slow
+def test_check_jsonschema_in_a_pipeline_step_accepts_the_demo_and_refuses_the_invalid_example():
+    """The README's pipeline step, as a pipeline runs it (check-jsonschema, ECMAScript regexes)."""
+    command = Path(sys.executable).parent / "check-jsonschema"
+
+    def check(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command, "--schemafile", SCHEMA_FILE, EXAMPLES / name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    assert check("local.json").returncode == 0
+    refused = check("invalid.json")
+    assert refused.returncode == 1
+    assert "'failfast' was unexpected" in refused.stdout
+    assert "'gpu' is not one of ['local', 'azureml', 'azureml-v1']" in refused.stdout
+
+
 def test_the_schema_refuses_what_an_editor_should_flag():
     """Each rule the schema can say, as an editor shows it to a pipeline author."""
     good = {"repository": {"url": "https://h/r"}, "notebooks": ["a.ipynb"]}
