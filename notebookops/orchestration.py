@@ -203,7 +203,9 @@ def _monitor(
 ) -> Generator:
     stopping = {s["path"] for s in stops}
     runs = [
-        {"path": n["path"], "handle": n["handle"]}
+        # The state last seen lets a long-polling monitor return at once for a run that
+        # changed while this round was being scheduled.
+        {"path": n["path"], "handle": n["handle"], "state": n["state"]}
         for n in policy.active(state)
         if poll and n["path"] not in stopping and (only is None or n["path"] in only)
     ]

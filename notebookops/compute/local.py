@@ -227,9 +227,20 @@ class LocalBackend:
             state = files.read_state()  # whoever decided, report what is on disk
         return self._to_status(state)
 
-    def wait_for_change(self, handles: list[RunHandle], timeout: float) -> None:
-        """Return when any run's state file changes or its runner dies, or after `timeout`."""
+    def wait_for_change(
+        self, handles: list[RunHandle], timeout: float, known: list[str | None] | None = None
+    ) -> None:
+        """Return when any run's state file changes or its runner dies, or after `timeout`.
+
+        `known` holds the state the caller last saw for each run: a run that changed before
+        the wait began (between the last round's read and this call) returns at once, where
+        comparing file stamps alone would sleep through the change until `timeout`."""
         files = [self._files(h) for h in handles]
+        if known and any(
+            seen is not None and f.read_state().get("state") != seen
+            for f, seen in zip(files, known, strict=False)
+        ):
+            return
 
         def snapshot() -> list[int]:
             stamps = []
