@@ -8,8 +8,8 @@ The remaining process leads its own session and then, to keep the worker slots b
 rather than with start-up:
 
 1. waits for a standby slot (at most `workers` runs get ready at once, so 500 queued runs do not
-   start 500 kernels),
-2. starts its kernel from the notebook's own folder and imports papermill while the kernel boots,
+   start 500 kernels), with nothing but the standard library loaded,
+2. chooses the kernel (a missing one fails the run here), starts its kernel from the notebook's own folder and imports papermill while the kernel boots,
    and waits until the kernel answers: this happens while other runs hold the worker slots,
 3. waits for a worker slot (at most `workers` notebooks execute at once) and gives up its standby
    slot, so the next run starts warming its kernel while this one executes,
@@ -191,8 +191,8 @@ def _python_executable(value: str) -> Path:
 
 
 def _select_kernel(config: dict[str, Any], files: RunFiles) -> None:
-    """Decide the kernel before queueing (a missing one fails now, not after a wait), and record
-    it in `config` as `kernelName` and `language` for the warm-up and papermill.
+    """Decide the kernel once the run holds a standby slot (a missing one fails before any
+    kernel or worker slot is taken), and record it in `config` as `kernelName` and `language` for the warm-up and papermill.
 
     Order: `compute.python` (a kernelspec for that interpreter is written into the run folder),
     `compute.kernel`, the notebook's own kernelspec, else python3. Raises KernelProblem.
@@ -477,8 +477,17 @@ def _ensure_partial_output(source: Path, output: Path) -> None:
         output.write_bytes(source.read_bytes())
 
 
+# papermill's remote stores (Azure Blob, Data Lake, S3), each imported when its library is
+# installed. azure-ai-ml brings azure-storage-blob, so every runner paid some 0.5 s of CPU for
+# storage clients it never uses: the runner reads and writes local files only. Marked missing,
+# papermill treats them as absent libraries (its own fallback).
+_REMOTE_STORES = ("papermill.abs", "papermill.adl", "papermill.s3")
+
+
 def _preload() -> None:
     """Import the heavy modules before queueing for a slot: queued runs pay for it while waiting."""
+    for name in _REMOTE_STORES:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
     import jupyter_client.manager
     import papermill
     import zmq.error
@@ -492,15 +501,19 @@ def run(run_dir: Path) -> int:
     abort = Abort(files)
     signal.signal(signal.SIGTERM, lambda *_: abort.trigger(CANCELED, "canceled on request"))
 
+    runs_root, workers = Path(config["runsRoot"]), int(config["workers"])
+    # Queued runs wait with the standard library only: choosing the kernel loads
+    # jupyter_client and nbformat (some 0.5 s of CPU and 30 MB each), which 500 queued runs
+    # would otherwise pay at once, while the first notebooks' kernels need the CPU.
+    standby = _acquire_slot(runs_root / STANDBY_DIR, workers, abort)
+    if standby is None:
+        return 0
     try:
         _select_kernel(config, files)
     except KernelProblem as exc:
+        os.close(standby)
         error = RunError(cell_index=None, ename="NoSuchKernel", evalue=str(exc))
         files.finalize(FAILED, str(exc), error.to_dict())
-        return 0
-    runs_root, workers = Path(config["runsRoot"]), int(config["workers"])
-    standby = _acquire_slot(runs_root / STANDBY_DIR, workers, abort)
-    if standby is None:
         return 0
     if config.get("source"):  # before any kernel exists: it inherits the protection
         protect_view(files.work, Path(config["source"]))
@@ -573,13 +586,23 @@ def main(argv: list[str]) -> int:
         files.record_runner(child)
         return 0
     os.setsid()
+    os._exit(serve_forked(run_dir))  # skip interpreter teardown: the verdict is on disk already
+
+
+def serve_forked(run_dir: Path) -> int:
+    """The runner's life once detached, forked by `main` or by the fork server
+    (local_forkserver.py); returns the exit code."""
     try:
         code = run(run_dir)
     except BaseException as exc:
-        files.finalize(FAILED, f"local runner crashed: {type(exc).__name__}: {exc}")
-        raise
+        import traceback
+
+        RunFiles(run_dir).finalize(FAILED, f"local runner crashed: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
-    os._exit(code)  # skip interpreter teardown: the verdict is on disk already
+    sys.stderr.flush()
+    return code
 
 
 if __name__ == "__main__":
