@@ -6,7 +6,8 @@ Environment:
 - NOTEBOOKOPS_LOCAL_RUNS_DIR  runs root (default `<tempdir>/notebookops-runs`), a folder per run
 - NOTEBOOKOPS_LOCAL_WORKERS   notebooks executing at once across the runs root (default: CPU count)
 
-A run's `work/` is a view of the shared checkout, not a copy (see staging.py).
+A run's `work/` is a view of the shared checkout, not a copy (see staging.py). Its runner is
+forked by the runs root's fork server when one is up (see local_forkserver.py).
 
 The whole-notebook timeout counts from the moment a run holds a worker slot, not from submit.
 """
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from notebookops.compute import local_forkserver
 from notebookops.compute.base import (
     CANCELED,
     FAILED,
@@ -103,7 +105,12 @@ class LocalBackend:
         the first notebooks do not wait for a kernel start; returns the local_pool.Pool."""
         from notebookops.compute import local_pool
 
-        return local_pool.prewarm(self.runs_root, min(self.workers, notebooks), kernel_name)
+        pool = local_pool.prewarm(self.runs_root, min(self.workers, notebooks), kernel_name)
+        if notebooks > 1:  # the runners after the first are forked, with the imports paid
+            local_forkserver.start(
+                self.runs_root, self._runner_env(), self.runs_root / ".forkserver.log"
+            )
+        return pool
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -161,11 +168,23 @@ class LocalBackend:
             raise PermanentBackendError(f"parameters must be JSON values: {exc}") from None
         return source_root, inner
 
-    def _start_runner(self, files: RunFiles) -> None:
+    @staticmethod
+    def _runner_env() -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
         )
+        return env
+
+    def _start_runner(self, files: RunFiles) -> None:
+        env = self._runner_env()
+        # Forked by the fork server when one serves this runs root (milliseconds, no imports to
+        # pay); else a fresh interpreter, and a server is started for the notebooks after it.
+        if local_forkserver.request(self.runs_root, files.run_dir, env):
+            return
+        if files.runner_pid() is not None:  # forked, but the server's answer was lost
+            return
+        local_forkserver.start(self.runs_root, env, self.runs_root / ".forkserver.log")
         with open(files.log, "ab") as log:
             # The runner forks and this first process exits at once, so this waits milliseconds.
             result = subprocess.run(

@@ -112,7 +112,7 @@ class RunFiles:
             return True
 
     def record_runner(self, pid: int) -> None:
-        write_json_atomic(self.runner_json, {"pid": pid})
+        write_json_atomic(self.runner_json, {"pid": pid, "createTime": _create_time(pid)})
 
     def runner_pid(self) -> int | None:
         try:
@@ -134,7 +134,11 @@ class RunFiles:
             process = psutil.Process(pid)
             if process.status() == psutil.STATUS_ZOMBIE:
                 return False
-            # The runner's command line names its run folder; a recycled pid would not.
+            # A recycled pid has another start time. A runner forked by the fork server has the
+            # server's command line; one started on its own names its run folder there.
+            created = (read_json(self.runner_json) or {}).get("createTime")
+            if created is not None:
+                return abs(process.create_time() - float(created)) < 0.05
             return str(self.run_dir) in process.cmdline()
         except psutil.NoSuchProcess:
             return False

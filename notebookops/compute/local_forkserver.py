@@ -1,0 +1,197 @@
+"""A parent that has imported what a local runner needs and forks one runner per notebook.
+
+Each runner used to be a fresh interpreter that imported papermill, nbclient, jupyter_client and
+nbformat and compiled nbformat's schema validator: some 0.5 s of CPU per notebook, paid again by
+every notebook of a run on a machine whose CPUs the kernels need (issue 17). The fork server
+pays it once; a forked runner starts in milliseconds and shares those pages copy-on-write.
+
+Every notebook still gets its own runner process and its own fresh kernel: the server itself
+never runs a kernel or any repository code, it only imports libraries and forks.
+
+- `request(runs_root, run_dir, env)` asks the server for the runs root to fork a runner for
+  `run_dir` with the submitter's environment; False when there is none (the caller then starts
+  the runner as its own interpreter and may `start` a server for the next notebooks).
+- A server serves one runs root and one build of the code: its socket name is keyed by the
+  interpreter, the package's folder, PYTHONPATH and the code's modification times, so edited
+  code or another venv never gets a runner forked from stale modules.
+- It exits after `IDLE_SECONDS` without a request, or when its runs root is gone. One server
+  per key: a second one finds the lock taken and exits.
+
+Started as `python -m notebookops.compute.local_forkserver RUNS_ROOT KEY`. Standard library only
+at import time (the client side runs in the function host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MODULE = "notebookops.compute.local_forkserver"
+IDLE_SECONDS = 20.0
+CONNECT_TIMEOUT_SECONDS = 10.0
+_PACKAGE = Path(__file__).resolve().parents[1]
+_PACKAGE_ROOT = str(_PACKAGE.parent)
+
+
+def key(env: dict[str, str]) -> str:
+    """Which server may fork for this submitter: same interpreter, same code, same import path."""
+    stamps = sorted(
+        (str(p.relative_to(_PACKAGE)), p.stat().st_mtime_ns) for p in _PACKAGE.rglob("*.py")
+    )
+    material = json.dumps(
+        [sys.executable, _PACKAGE_ROOT, env.get("PYTHONPATH", ""), stamps], sort_keys=True
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def socket_path(runs_root: Path, server_key: str) -> Path:
+    return runs_root / f".forkserver-{server_key}.sock"
+
+
+def request(runs_root: Path, run_dir: Path, env: dict[str, str]) -> bool:
+    """Have the server fork the runner of `run_dir`; True once the server says it did."""
+    path = socket_path(runs_root, key(env))
+    if not path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(CONNECT_TIMEOUT_SECONDS)
+            conn.connect(str(path))
+            conn.sendall(json.dumps({"runDir": str(run_dir), "env": env}).encode() + b"\n")
+            answer = _read_line(conn)
+        return bool(json.loads(answer or b"{}").get("pid"))
+    except (OSError, ValueError):
+        return False
+
+
+def start(runs_root: Path, env: dict[str, str], log: Path) -> None:
+    """Start a server for later submits, detached; does not wait for it."""
+    with contextlib.suppress(OSError), open(log, "ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", MODULE, str(runs_root), key(env)],
+            env=env,
+            cwd=runs_root,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _read_line(conn: socket.socket, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _preload() -> None:
+    from notebookops.compute import local_runner
+
+    local_runner._preload()
+    import nbformat
+
+    # papermill validates every notebook it reads and writes; the validator is compiled on
+    # first use, so compile it here once rather than in every runner.
+    nbformat.validate(nbformat.v4.new_notebook())
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _fork_runner(conn: socket.socket, run_dir: Path, env: dict[str, str]) -> int:
+    from notebookops.compute import local_runner
+    from notebookops.compute.local_state import RunFiles
+
+    files = RunFiles(run_dir)
+    log = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    pid = os.fork()
+    if pid == 0:  # the runner
+        code = 1
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the runner waits for its children
+            conn.close()
+            os.setsid()
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.close(log)
+            os.environ.clear()
+            os.environ.update(env)
+            os.chdir(run_dir)
+            code = local_runner.serve_forked(run_dir)
+        finally:
+            os._exit(code)
+    os.close(log)
+    files.record_runner(pid)
+    return pid
+
+
+def serve(runs_root: Path, server_key: str) -> int:
+    lock = os.open(runs_root / f".forkserver-{server_key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another server for this key is starting or serving
+    _preload()
+    path = socket_path(runs_root, server_key)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # left by a server that was killed; we hold the lock now
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is ours only
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    listener.settimeout(1.0)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
+    idle = 0.0
+    try:
+        while idle < IDLE_SECONDS and runs_root.is_dir():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                idle += 1.0
+                continue
+            idle = 0.0
+            with conn:
+                _answer(conn)
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        listener.close()
+    return 0
+
+
+def _answer(conn: socket.socket) -> None:
+    conn.settimeout(CONNECT_TIMEOUT_SECONDS)
+    try:
+        if _peer_uid(conn) != os.getuid():
+            return
+        ask: Any = json.loads(_read_line(conn) or b"{}")
+        run_dir, env = Path(ask["runDir"]), ask["env"]
+        if not isinstance(env, dict) or not (run_dir / "run.json").is_file():
+            return
+        pid = _fork_runner(conn, run_dir, {str(k): str(v) for k, v in env.items()})
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"fork server: request refused: {type(exc).__name__}: {exc}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(serve(Path(sys.argv[1]), sys.argv[2]))
