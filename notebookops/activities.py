@@ -303,7 +303,7 @@ def _wait_for_change(runs: list[Any], wait: float) -> None:
     backend = _backend(handles[0])
     if hasattr(backend, "wait_for_change"):
         try:
-            known = [r.get("state") for r in runs]
+            known = [r.seen for r in runs]
             backend.wait_for_change(handles, min(wait, MAX_LONG_POLL_SECONDS), known)
         except Exception as exc:  # waiting is an optimisation; the round still reads statuses
             log.warning("monitor: waiting for a change failed: %s", redact.redact_known(str(exc)))

@@ -205,7 +205,7 @@ def _monitor(
     runs = [
         # The state last seen lets a long-polling monitor return at once for a run that
         # changed while this round was being scheduled.
-        {"path": n["path"], "handle": n["handle"], "state": n["state"]}
+        {"path": n["path"], "handle": n["handle"], "seen": n["state"]}
         for n in policy.active(state)
         if poll and n["path"] not in stopping and (only is None or n["path"] in only)
     ]

@@ -143,6 +143,8 @@ class SubmitOutput(Contract):
 class WatchRun(Contract):
     path: str
     handle: RunHandle
+    # The state the orchestrator last saw: a long poll returns at once when it has changed.
+    seen: State | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass(kw_only=True)
