@@ -878,6 +878,11 @@ def _get_blob(svc, rec, container, blob):
             {"x-ms-error-code": "BlobNotFound", "Content-Type": "application/xml"},
             (b'<?xml version="1.0" encoding="utf-8"?><Error><Code>BlobNotFound</Code></Error>'),
         )
+    return _ranged(rec, data)
+
+
+def _ranged(rec: Recorded, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A blob's bytes as GET Blob answers, honouring `x-ms-range`/`Range`."""
     wanted = rec.headers.get("x-ms-range") or rec.headers.get("Range")
     if wanted:
         start, _, end = wanted.split("=", 1)[1].partition("-")
@@ -903,13 +908,14 @@ def route_storage_through(service: FakeAzureML, monkeypatch: Any) -> None:
     monkeypatch.setattr(base_client, "RequestsTransport", lambda **kwargs: service.transport)
 
 
-# -- v1 ------------------------------------------------------------------------------------
-# azureml-core talks to several services (ARM, run history, execution, artifacts, snapshots)
-# through msrest clients and its own `requests` sessions, with retries, token refreshes and a
-# snapshot upload built on azure-storage-blob; the v1 tests replace the service boundary
-# `notebookops.compute.azureml_v1.V1Service` (Experiment.submit, Run.get, Environment.get)
-# and keep every object the backend builds (NotebookRunConfig, RunConfiguration, Environment,
-# CondaDependencies, Workspace, the auth objects) real.
+# -- v1 at the service seam ----------------------------------------------------------------
+# azureml-core's submit talks to several services (ARM, run history, execution, artifacts,
+# snapshots) through msrest clients and its own `requests` sessions, with retries, token
+# refreshes and a snapshot upload built on azure-storage-blob; the v1 submit tests replace the
+# service boundary `notebookops.compute.azureml_v1.V1Service` (Experiment.submit, Run.get,
+# Environment.get) and keep every object the backend builds (NotebookRunConfig,
+# RunConfiguration, Environment, CondaDependencies, Workspace, the auth objects) real. Reading,
+# cancelling and downloading runs are faked at the wire instead (FakeRunHistory, below).
 
 
 class FakeRun:
@@ -1061,3 +1067,420 @@ def _service_exception(cls: type, code: int, message: str) -> Exception:
     response = SimpleNamespace(status_code=code, headers={})
     inner = SimpleNamespace(message=message, response=response, error=SimpleNamespace(error=None))
     return cls(inner)
+
+
+# -- v1 at the wire ------------------------------------------------------------------------
+# azureml-core reads runs through msrest clients and `requests` sessions, and downloads
+# through azure-storage-blob, whose default transport is `requests` too: every one of those
+# requests ends in `requests.adapters.HTTPAdapter.send`, which FakeRunHistory replaces
+# (`install`). It answers as the managed-identity endpoint, ARM (cloud metadata, the workspace),
+# discovery, run history, the execution service's cancel, the artifact service and blob
+# storage do, and records every request.
+
+V1_HOST = f"{REGION}.api.azureml.ms"
+V1_WS = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+    f"Microsoft.MachineLearningServices/workspaces/{WORKSPACE}"
+)
+V1_EXPERIMENT_ID = "11111111-2222-3333-4444-555555555555"
+_CLOUDS = [
+    {
+        "name": "AzureCloud",
+        "portal": "https://portal.azure.com",
+        "authentication": {
+            "loginEndpoint": "https://login.microsoftonline.com",
+            "audiences": ["https://management.core.windows.net/", "https://management.azure.com/"],
+            "tenant": "common",
+            "identityProvider": "AAD",
+        },
+        "media": "https://rest.media.azure.net",
+        "graphAudience": "https://graph.windows.net/",
+        "graph": "https://graph.windows.net/",
+        "batch": "https://batch.core.windows.net/",
+        "resourceManager": "https://management.azure.com/",
+        "sqlManagement": "https://management.core.windows.net:8443/",
+        "gallery": "https://gallery.azure.com/",
+        "suffixes": {
+            "storage": "core.windows.net",
+            "keyVaultDns": "vault.azure.net",
+            "sqlServerHostname": "database.windows.net",
+            "acrLoginServer": "azurecr.io",
+        },
+    }
+]
+
+
+@dataclass
+class V1Run:
+    """One run as run history keeps it."""
+
+    run_id: str
+    script: list[str]
+    position: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # artifact path -> content
+    error: str | None = None
+    started: str | None = None
+    ended: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self.script[self.position]
+
+    def advance(self) -> None:
+        if self.position < len(self.script) - 1:
+            self.position += 1
+        if self.status not in ("NotStarted", "Starting", "Queued", "Preparing", "Provisioning"):
+            self.started = self.started or "2026-01-01T10:00:00.000Z"
+        if self.status in ("Completed", "Failed", "Canceled"):
+            self.ended = self.ended or "2026-01-01T10:05:30.000Z"
+
+
+class FakeRunHistory:
+    """Azure ML v1's services behind `requests` (see above): runs with a status script that
+    the test moves on (`V1Run.advance`: the SDK reads a run several times per status), their
+    artifacts, and faults on demand."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, V1Run] = {}
+        self.requests: list[Recorded] = []
+        self.unrouted: list[Recorded] = []
+        self.blob_read_forbidden = False
+        self._faults: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def add_run(self, run_id: str, script: list[str]) -> V1Run:
+        run = self.runs[run_id] = V1Run(run_id, list(script))
+        run.position = -1
+        run.advance()  # times as for the first status
+        return run
+
+    def fail_next(self, pattern: str, status: int, times: int = 1, message: str = "") -> None:
+        self._faults.append(
+            {"pattern": re.compile(pattern), "status": status, "times": times, "message": message}
+        )
+
+    def routes(self) -> list[str]:
+        return [r.route for r in self.requests]
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(1 for r in self.requests if rx.search(r.route))
+
+    def install(self, monkeypatch: Any, tmp_path: Path) -> None:
+        """Route every `requests` call here, and keep azureml-core's discovery cache (a file
+        in the home folder by default) in `tmp_path`."""
+        import requests.adapters
+        from azureml._base_sdk_common import service_discovery
+
+        service = self
+
+        def send(adapter, request, **kwargs):
+            return service._send(request)
+
+        monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+        init = service_discovery.CachedServiceDiscovery.__init__
+        monkeypatch.setattr(
+            service_discovery.CachedServiceDiscovery,
+            "__init__",
+            lambda self, auth, file_path=str(tmp_path / ".discovery"): init(self, auth, file_path),
+        )
+
+    def _send(self, request: Any) -> Any:
+        import requests
+
+        body = request.body or b""
+        if isinstance(body, str):
+            body = body.encode()
+        parts = urlsplit(request.url)
+        rec = Recorded(
+            method=request.method,
+            url=request.url,
+            path=unquote(parts.path),
+            query=parse_qs(parts.query),
+            headers=dict(request.headers),
+            body=bytes(body) if not hasattr(body, "read") else body.read(),
+        )
+        rec.host_path = parts.netloc + unquote(parts.path)
+        with self._lock:
+            self.requests.append(rec)
+            status, headers, payload = self._answer(rec)
+        rec.status = status
+        response = requests.Response()
+        response.status_code = status
+        response._content = payload
+        response.raw = io.BytesIO(payload)
+        response.headers.update(headers)
+        response.url = request.url
+        response.request = request
+        response.reason = "OK" if status < 400 else "Error"
+        return response
+
+    def _answer(self, rec: Recorded) -> tuple[int, dict[str, str], bytes]:
+        fault = next(
+            (f for f in self._faults if f["times"] > 0 and f["pattern"].search(rec.route)), None
+        )
+        if fault is not None:
+            fault["times"] -= 1
+            return _v1_error(fault["status"], fault["message"] or f"injected {fault['status']}")
+        for method, rx, func in _V1_ROUTES:
+            match = rx.fullmatch(rec.host_path) if method == rec.method else None
+            if match:
+                try:
+                    return func(self, rec, **match.groupdict())
+                except ServiceAnswer as exc:
+                    return _v1_error(exc.status, exc.message, exc.code)
+        self.unrouted.append(rec)
+        return _v1_error(404, f"the fake has no route {rec.route}")
+
+
+def _v1_error(status: int, message: str, code: str = "UserError"):
+    body = {"error": {"code": code, "message": message, "details": []}}
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+_V1_ROUTES: list[tuple[str, re.Pattern[str], Any]] = []
+
+
+def v1_route(method: str, pattern: str):
+    def register(func):
+        _V1_ROUTES.append((method, re.compile(pattern), func))
+        return func
+
+    return register
+
+
+@v1_route("GET", r"169\.254\.169\.254/metadata/identity/oauth2/token")
+def _imds_token(svc, rec):
+    resource = (rec.query.get("resource") or [""])[0]
+    expires = int(time.time()) + 3600
+    body = {
+        "access_token": FakeCredential.TOKEN,
+        "expires_on": str(expires),
+        "expires_in": "3600",
+        "resource": resource,
+        "token_type": "Bearer",
+    }
+    return _ok(body)
+
+
+@v1_route("GET", r"management\.azure\.com/metadata/endpoints")
+def _cloud_metadata(svc, rec):
+    return _ok(_CLOUDS)
+
+
+@v1_route("GET", r"management\.azure\.com" + re.escape(V1_WS))
+def _v1_workspace(svc, rec):
+    return _ok(
+        {
+            "id": V1_WS,
+            "name": WORKSPACE,
+            "location": REGION,
+            "type": "Microsoft.MachineLearningServices/workspaces",
+            "properties": {
+                "workspaceId": WORKSPACE_ID,
+                "discoveryUrl": f"https://{V1_HOST}/discovery",
+            },
+        }
+    )
+
+
+@v1_route("GET", re.escape(V1_HOST) + "/discovery")
+def _v1_discovery(svc, rec):
+    base = f"https://{V1_HOST}"
+    names = ("api", "catalog", "experimentation", "gallery", "history", "hyperdrive")
+    return _ok(
+        {
+            **{n: base for n in names},
+            "labeling": base,
+            "modelmanagement": base,
+            "pipelines": base,
+            "studio": "https://ml.azure.com",
+        }
+    )
+
+
+_V1_HISTORY = re.escape(V1_HOST + "/history/v1.0" + V1_WS)
+
+
+def _v1_run_dto(svc, run: V1Run) -> dict[str, Any]:
+    base = f"https://{V1_HOST}"
+    dto: dict[str, Any] = {
+        "runId": run.run_id,
+        "runUuid": str(uuid.uuid5(uuid.NAMESPACE_URL, run.run_id)),
+        "rootRunId": run.run_id,
+        "runNumber": 1,
+        "dataContainerId": f"dcid.{run.run_id}",
+        "experimentId": V1_EXPERIMENT_ID,
+        "status": run.status,
+        "runType": "azureml.scriptrun",
+        "target": "cpu-cluster",
+        "createdUtc": "2026-01-01T09:59:00.000Z",
+        "startTimeUtc": run.started,
+        "endTimeUtc": run.ended,
+        "tags": dict(run.tags),
+        "properties": {"azureml.runsource": "experiment", "ContentSnapshotId": str(uuid.uuid4())},
+        "cancelUri": f"{base}/execution/v1.0{V1_WS}/experiments/notebook-ci/runId/"
+        f"{run.run_id}/cancel",
+        "completeUri": None,
+        "diagnosticsUri": None,
+        "hidden": False,
+    }
+    if run.error:
+        dto["error"] = {"error": {"code": "UserError", "message": run.error, "details": []}}
+    return dto
+
+
+@v1_route(
+    "GET", _V1_HISTORY + "(?:/experimentids/[^/]+|/experiments/[^/]+)?/runs/(?P<run_id>[^/]+)"
+)
+def _v1_get_run(svc, rec, run_id):
+    run = svc.runs.get(run_id)
+    if run is None:
+        raise ServiceAnswer(404, "UserError", f"Run {run_id} was not found")
+    return _ok(_v1_run_dto(svc, run))
+
+
+@v1_route("GET", _V1_HISTORY + "/experimentids/(?P<experiment_id>[^/]+)")
+def _v1_get_experiment(svc, rec, experiment_id):
+    if experiment_id != V1_EXPERIMENT_ID:
+        raise ServiceAnswer(404, "UserError", f"Experiment {experiment_id} was not found")
+    return _ok(
+        {
+            "experimentId": V1_EXPERIMENT_ID,
+            "name": "notebook-ci",
+            "createdUtc": "2026-01-01T09:00:00.000Z",
+            "archivedTime": None,
+            "tags": {},
+        }
+    )
+
+
+def _v1_run_definition() -> dict[str, Any]:
+    """The run's definition as run history keeps it: the submitted RunConfiguration,
+    serialized as azureml-core serializes it for the service."""
+    from azureml.core._serialization_utils import _serialize_to_dict
+    from azureml.core.runconfig import RunConfiguration
+
+    config = RunConfiguration()
+    config.target = "cpu-cluster"
+    config.script = "papermill_notebook_run_handler.py"
+    return _serialize_to_dict(config)
+
+
+@v1_route(
+    "GET",
+    _V1_HISTORY + "(?:/experimentids/[^/]+|/experiments/[^/]+)?/runs/(?P<run_id>[^/]+)/details",
+)
+def _v1_run_details(svc, rec, run_id):
+    run = svc.runs.get(run_id)
+    if run is None:
+        raise ServiceAnswer(404, "UserError", f"Run {run_id} was not found")
+    dto = _v1_run_dto(svc, run)
+    details = {
+        k: dto.get(k)
+        for k in ("runId", "runUuid", "status", "target", "startTimeUtc", "endTimeUtc", "tags")
+    }
+    details.update(
+        properties=dto["properties"],
+        inputDatasets=[],
+        outputDatasets=[],
+        runDefinition=_v1_run_definition(),
+        logFiles={},
+        services={},
+        warnings=[],
+        revision=3,
+    )
+    if dto.get("error"):
+        details["error"] = dto["error"]
+    return _ok(details)
+
+
+_V1_ARTIFACTS = re.escape(V1_HOST + "/artifact/v2.0" + V1_WS) + "/artifacts"
+
+
+def _v1_container_run(svc, origin: str, container: str) -> V1Run:
+    run = svc.runs.get(container.removeprefix("dcid.")) if origin == "ExperimentRun" else None
+    if run is None:
+        raise ServiceAnswer(404, "UserError", f"Container {origin}/{container} was not found")
+    return run
+
+
+def _v1_artifact(origin: str, container: str, path: str) -> dict[str, Any]:
+    return {
+        "artifactId": f"{origin}/{container}/{path}",
+        "origin": origin,
+        "container": container,
+        "path": path,
+        "createdTime": "2026-01-01T10:05:00.000Z",
+    }
+
+
+def _v1_content_info(origin: str, container: str, path: str) -> dict[str, Any]:
+    sas = "sv=2019-02-02&sr=b&sig=c2lnbmF0dXJl&se=2026-01-02T00%3A00%3A00Z&sp=r"
+    uri = f"{BLOB}/{ARTIFACT_CONTAINER}/{origin}/{container}/{path}?{sas}"
+    return {"contentUri": uri, "origin": origin, "container": container, "path": path}
+
+
+@v1_route("GET", _V1_ARTIFACTS + "/(?P<origin>[^/]+)/(?P<container>[^/]+)")
+def _v1_list_artifacts(svc, rec, origin, container):
+    run = _v1_container_run(svc, origin, container)
+    items = [_v1_artifact(origin, container, p) for p in sorted(run.files)]
+    return _ok({"value": items, "continuationToken": None, "nextLink": None})
+
+
+@v1_route(
+    "GET", _V1_ARTIFACTS + "/prefix/contentinfo/(?P<origin>[^/]+)/(?P<container>[^/]+)/(?P<path>.*)"
+)
+def _v1_content_by_prefix(svc, rec, origin, container, path):
+    run = _v1_container_run(svc, origin, container)
+    items = [
+        _v1_content_info(origin, container, p) for p in sorted(run.files) if p.startswith(path)
+    ]
+    return _ok({"value": items, "continuationToken": None, "nextLink": None})
+
+
+@v1_route("GET", _V1_ARTIFACTS + "/contentinfo/(?P<origin>[^/]+)/(?P<container>[^/]+)/(?P<path>.+)")
+def _v1_content_information(svc, rec, origin, container, path):
+    run = _v1_container_run(svc, origin, container)
+    if path not in run.files:
+        raise ServiceAnswer(404, "UserError", f"Artifact {path} was not found")
+    return _ok(_v1_content_info(origin, container, path))
+
+
+@v1_route(
+    "GET",
+    _BLOB_HOST + "/" + ARTIFACT_CONTAINER + "/ExperimentRun/(?P<container>[^/]+)/(?P<path>.+)",
+)
+def _v1_get_blob(svc, rec, container, path):
+    denied = _storage_denied(svc)
+    if denied:
+        return denied
+    run = svc.runs.get(container.removeprefix("dcid."))
+    data = run.files.get(path) if run else None
+    if data is None:
+        return (
+            404,
+            {"x-ms-error-code": "BlobNotFound", "Content-Type": "application/xml"},
+            b'<?xml version="1.0" encoding="utf-8"?><Error><Code>BlobNotFound</Code></Error>',
+        )
+    return _ranged(rec, data)
+
+
+@v1_route(
+    "POST",
+    re.escape(V1_HOST + "/execution/v1.0" + V1_WS)
+    + "/experiments/[^/]+/runId/(?P<run_id>[^/]+)/cancel",
+)
+def _v1_cancel(svc, rec, run_id):
+    run = svc.runs.get(run_id)
+    if run is None:
+        raise ServiceAnswer(404, "UserError", f"Run {run_id} was not found")
+    if run.status not in ("Completed", "Failed", "Canceled"):
+        run.script = [*run.script[: run.position], "CancelRequested", "Canceled"]
+    return _ok({"runId": run_id, "status": run.status})
+
+
+@v1_route("GET", _V1_HISTORY + "/experiments/[^/]+/runs/(?P<run_id>[^/]+)/metricsingest/wait")
+def _v1_metrics_ingest_wait(svc, rec, run_id):
+    return 200, {"Content-Length": "0"}, b""

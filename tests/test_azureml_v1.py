@@ -1,15 +1,24 @@
 """The `azureml-v1` backend (azureml-core + azureml-contrib-notebook) on real SDK objects.
 
-NotebookRunConfig, RunConfiguration, Environment, CondaDependencies, Workspace and the auth
-objects are the real ones, built offline. The faked boundary is the backend's own service seam
-`V1Service` (`Experiment.submit`, `Run.get`, `Environment.get`) and the `Run` objects they
-return, replaced by tests.azureml_fakes.FakeV1Service: azureml-core's submit is not one HTTP
-client but five (ARM, run history, execution, artifacts, a snapshot upload through
-azure-storage-blob, each with its own `requests` session, retries and token refresh), so a
-recorded HTTP layer for it would be larger than the backend it tests. The fake answers as the
-service does where the backend depends on it: runs follow the documented v1 status sequence,
-a duplicate run id and an environment named with a reserved prefix are refused with the
-service's words, and `Experiment.submit` tags the run in a second call, as the SDK does.
+Two boundaries, each said where it is used:
+
+- **Reading, cancelling and downloading runs go over the wire** (the "v1 at the wire"
+  section): the backend's real service (`Run.get`, the Run's get_status, get_details,
+  cancel, get_file_names, download_file) runs down to `requests`, and only the services'
+  answers are faked (tests.azureml_fakes.FakeRunHistory at `HTTPAdapter.send`: the
+  managed-identity endpoint, ARM, discovery, run history, the execution service's cancel, the
+  artifact service and blob storage).
+- **Submit and environments stay at the backend's service seam** `V1Service`
+  (`Experiment.submit`, `Environment.get`, and `Run.get` for the runs that submit returns),
+  replaced by tests.azureml_fakes.FakeV1Service: azureml-core's submit spans five services
+  (ARM, run history, execution, artifacts, a snapshot upload through azure-storage-blob, each
+  with its own session, retries and token refresh), so a recorded HTTP layer for it would be
+  larger than the backend it tests. NotebookRunConfig, RunConfiguration, Environment,
+  CondaDependencies, Workspace and the auth objects are the real ones, built offline. That
+  fake answers as the service does where the backend depends on it: runs follow the documented
+  v1 status sequence, a duplicate run id and an environment named with a reserved prefix are
+  refused with the service's words, and `Experiment.submit` tags the run in a second call, as
+  the SDK does.
 """
 
 from __future__ import annotations
@@ -965,3 +974,179 @@ def test_v1_names_a_missing_ipykernel_from_papermills_log(
     )
     assert "No module named ipykernel_launcher" in result["message"]
     assert "add ipykernel to its pip dependencies" in result["message"]
+
+
+# -- v1 at the wire: reading, cancelling and downloading runs --------------------------------
+#
+# Here nothing of azureml-core is replaced: the backend's default service (AzureMLCoreService:
+# the real `Run.get`, and the real Run's get_status, get_details, cancel, get_file_names,
+# download_file) runs down to `requests`, whose HTTPAdapter.send is tests.azureml_fakes.
+# FakeRunHistory: the managed-identity endpoint, ARM, discovery, run history, the execution
+# service and the artifact service answer there, and so does blob storage (azure-storage-blob's
+# transport is `requests` too). Only submit stays at the service seam (see the module
+# docstring): its five services are not modelled.
+
+
+@pytest.fixture
+def history(monkeypatch, tmp_path) -> fakes.FakeRunHistory:
+    svc = fakes.FakeRunHistory()
+    svc.install(monkeypatch, tmp_path)
+    return svc
+
+
+@pytest.fixture
+def wire_backend(history, tmp_path) -> AzureMLV1Backend:
+    return AzureMLV1Backend(work_dir=tmp_path / "work", auth=MsiAuthentication())
+
+
+WIRE_COMPUTE = {
+    "backend": "azureml-v1",
+    "workspace": {
+        "subscriptionId": fakes.SUBSCRIPTION,
+        "resourceGroup": fakes.RESOURCE_GROUP,
+        "name": fakes.WORKSPACE,
+    },
+}
+KEY = run_key("inst-1", "nb/smoke/train.ipynb")
+
+
+def _history_routes(history) -> list[tuple[str, int]]:
+    """Run history, execution, artifacts and blob requests (not tokens, metadata, discovery)."""
+    keep = ("/history/", "/execution/", "/artifact/", "/azureml/")
+    return [(r.route, r.status) for r in history.requests if r.route.split(" ")[1].startswith(keep)]
+
+
+def test_wire_a_run_is_found_by_its_key_read_and_its_notebook_downloaded(
+    wire_backend, history, tmp_path
+):
+    assert wire_backend.find_run(WIRE_COMPUTE, KEY, "nb/smoke/train.ipynb") is None
+    run = history.add_run(KEY, ["Queued", "Running", "Failed"])
+    run.error = "UserError: User program failed with KeyError: 'id'"
+    run.files["outputs/train.ipynb"] = json.dumps(
+        fakes.notebook_json(("KeyError", "'id'"))
+    ).encode()
+    handle = wire_backend.find_run(WIRE_COMPUTE, KEY, "nb/smoke/train.ipynb")
+    assert handle.run_id == KEY and handle.data["output"] == "outputs/train.ipynb"
+    del history.requests[:]
+    seen = [wire_backend.status(handle)]
+    run.advance()
+    seen.append(wire_backend.status(handle))
+    run.advance()
+    assert [(s.state, s.raw_status, s.started_at) for s in seen] == [
+        ("queued", "Queued", None),
+        ("running", "Running", "2026-01-01T10:00:00.000Z"),
+    ]
+    status = wire_backend.status(handle)
+    assert (status.state, status.error.ename, status.error.cell_index) == ("failed", "KeyError", 1)
+    assert status.message == "UserError: User program failed with KeyError: 'id'"
+    assert status.ended_at == "2026-01-01T10:05:30.000Z"
+    container = f"ExperimentRun/dcid.{KEY}"
+    download = [
+        (f"GET /artifact/v2.0ws:/artifacts/{container}", 200),  # get_file_names
+        (f"GET /artifact/v2.0ws:/artifacts/contentinfo/{container}/outputs/train.ipynb", 200),
+        (f"GET /azureml/{container}/outputs/train.ipynb", 206),  # the blob, by its SAS URI
+    ]
+    routes = _history_routes(history)
+    assert routes[-3:] == download, routes
+    assert routes.count((f"GET /azureml/{container}/outputs/train.ipynb", 206)) == 1
+    dest = tmp_path / "out" / "train.ipynb"
+    assert wire_backend.fetch_output(handle, dest) == dest
+    assert json.loads(dest.read_text())["cells"][1]["outputs"][0]["ename"] == "KeyError"
+    assert sum(1 for r in history.requests if r.route.startswith("GET /azureml/")) == 1  # cached
+    token = fakes.FakeCredential.TOKEN
+    assert all(
+        r.headers.get("Authorization") == f"Bearer {token}"
+        for r in history.requests
+        if "/history/" in r.path
+    )
+    assert token not in json.dumps(status.to_dict())
+    assert history.unrouted == []
+
+
+def test_wire_cancel_posts_to_the_execution_service_once(wire_backend, history):
+    history.add_run(KEY, ["Running"])
+    handle = wire_backend.find_run(WIRE_COMPUTE, KEY, "nb/smoke/train.ipynb")
+    wire_backend.cancel(handle)
+    cancel = f"POST /execution/v1.0ws:/experiments/notebook-ci/runId/{KEY}/cancel"
+    assert (cancel, 200) in _history_routes(history)
+    assert wire_backend.status(handle).raw_status == "CancelRequested"
+    history.runs[KEY].advance()
+    assert wire_backend.status(handle).state == "canceled"
+    wire_backend.cancel(handle)
+    assert history.count(r"^POST .*/cancel$") == 1
+    assert history.unrouted == []
+
+
+def test_wire_a_storage_refusal_is_retried_by_the_sdk_then_named(
+    wire_backend, history, monkeypatch, tmp_path
+):
+    """azureml-core's download_file retries any failure 5 times, sleeping 2, 4, 16 and 256 s
+    (recorded here, not waited): a refused blob holds the monitor round for 4.6 minutes
+    before the verdict stands with the role to grant."""
+    import azureml._file_utils.file_utils as file_utils
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(file_utils.time, "sleep", sleeps.append)
+    run = history.add_run(KEY, ["Completed"])
+    run.files["outputs/train.ipynb"] = json.dumps(fakes.notebook_json()).encode()
+    history.blob_read_forbidden = True
+    handle = wire_backend.find_run(WIRE_COMPUTE, KEY, "nb/smoke/train.ipynb")
+    status = wire_backend.status(handle)
+    assert (status.state, status.raw_status) == ("succeeded", "Completed")
+    assert "'Storage Blob Data Reader' role on the workspace's storage account" in status.message
+    assert sleeps == [2, 4, 16, 256]
+    blob = f"GET /azureml/ExperimentRun/dcid.{KEY}/outputs/train.ipynb"
+    assert _history_routes(history).count((blob, 403)) == 5
+    assert wire_backend.fetch_output(handle, tmp_path / "x.ipynb") is None
+
+
+def test_wire_a_missing_package_is_read_from_the_runs_log(wire_backend, history):
+    run = history.add_run(KEY, ["Failed"])
+    run.error = "UserError: Execution failed. User process exited with code 1"
+    run.files["user_logs/std_log.txt"] = HANDLER_IMPORT_FAILURE.encode()
+    handle = wire_backend.find_run(WIRE_COMPUTE, KEY, "nb/smoke/train.ipynb")
+    status = wire_backend.status(handle)
+    assert status.state == "failed" and "lacks papermill" in status.message
+    assert "user_logs/std_log.txt says \"No module named 'papermill'\"" in status.message
+    log_blob = f"GET /azureml/ExperimentRun/dcid.{KEY}/user_logs/std_log.txt"
+    assert (log_blob, 206) in _history_routes(history)
+
+
+def test_wire_a_throttled_read_is_transient(wire_backend, history, monkeypatch):
+    """A 429 from run history reaches the backend as the SDK's ServiceException after
+    azureml-core's own retries (3, with its 32 s back-off doubling: recorded here, not
+    waited): transient, so the monitor reports the status unavailable and the next round
+    reads again."""
+    import azureml._restclient.clientbase as clientbase
+    from azureml._restclient.exceptions import ServiceException
+
+    sleeps: list[float] = []
+    history.add_run(KEY, ["Running"])
+    handle = wire_backend.find_run(WIRE_COMPUTE, KEY, "nb/smoke/train.ipynb")
+    history.fail_next(rf"^GET /history/v1.0ws:/experimentids/.*/runs/{KEY}$", 429, times=1000)
+    monkeypatch.setattr(clientbase.time, "sleep", sleeps.append)
+    with pytest.raises(ServiceException) as caught:
+        wire_backend.status(handle)
+    assert caught.value.status_code == 429
+    assert sleeps == [32, 64, 128]  # one throttled read holds the monitor round 3.7 minutes
+    assert history.count(rf"^GET /history/v1.0ws:/experimentids/.*/runs/{KEY}$") == 4
+    history._faults.clear()
+    assert wire_backend.status(handle).state == "running"
+
+
+@pytest.mark.slow
+def test_wire_papermills_notebook_with_only_allowed_errors_succeeds(
+    wire_backend, history, tmp_path, executed
+):
+    """The notebook papermill executed on a real kernel, downloaded through the artifact
+    service and blob storage of a run Azure ML reports Failed."""
+    committed, output = executed["allowed"]
+    run = history.add_run(KEY, ["Failed"])
+    run.error = "UserError: User program failed with PapermillExecutionError"
+    run.files["outputs/train.ipynb"] = output
+    handle = wire_backend.find_run(WIRE_COMPUTE, KEY, "nb/smoke/train.ipynb")
+    status = wire_backend.status(handle)
+    assert (status.state, status.raw_status, status.error) == ("succeeded", "Failed", None)
+    dest = wire_backend.fetch_output(handle, tmp_path / "train.ipynb")
+    cells = json.loads(dest.read_text())["cells"]
+    assert MARKER not in json.dumps(cells) and len(cells) == len(committed["cells"])
