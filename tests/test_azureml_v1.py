@@ -894,7 +894,7 @@ def _observed(backend, handle, checkout, tmp_path, monkeypatch) -> dict:
     monkeypatch.setenv(activities.OUTPUT_DIR_SETTING, str(tmp_path / "out"))
     return activities._describe(
         "inst-1", "nb/smoke/train.ipynb", handle, backend, backend.status(handle), str(checkout)
-    )
+    ).to_dict()
 
 
 @pytest.mark.slow
