@@ -421,7 +421,11 @@ class Engine:
             info = self.app.get(work.name)
             kind, meta = "completion", None
             try:
-                result = run_activity(info, work.input, str(self.app_dir))
+                # An activity may bind a durable client too, as on the Functions host.
+                bindings = (
+                    {info.client_binding: self.client_binding()} if info.client_binding else None
+                )
+                result = run_activity(info, work.input, str(self.app_dir), bindings)
                 event_builder = lambda now: ev.task_completed(now, work.task_id, result)  # noqa: E731
             except FunctionError as exc:
                 reason = f"Activity function '{work.name}' failed: {exc.reason}"

@@ -87,13 +87,19 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def run_activity(info: FunctionInfo, input_text: str | None, app_dir: str) -> str | None:
-    """Returns TaskCompleted.Result: the JSON text the host records for the activity's value."""
+def run_activity(
+    info: FunctionInfo,
+    input_text: str | None,
+    app_dir: str,
+    bindings: dict[str, Any] | None = None,
+) -> str | None:
+    """Returns TaskCompleted.Result: the JSON text the host records for the activity's value.
+    `bindings`: the function's input bindings besides its trigger (a durable client)."""
     argument = ActivityTriggerConverter.decode(
         meta.Datum(input_text if input_text is not None else "null", "string"),
         trigger_metadata=None,
     )
-    value = call(info, {info.trigger["name"]: argument}, app_dir)
+    value = call(info, {**(bindings or {}), info.trigger["name"]: argument}, app_dir)
     datum = ActivityTriggerConverter.encode(value, expected_type=None)
     # The host parses the worker's JSON and re-serialises it compactly (DurableActivityContext).
     text = datum.value

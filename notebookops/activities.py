@@ -139,7 +139,9 @@ def clone(payload: dict[str, Any]) -> dict[str, Any]:
     return CloneOutput(**vars(result)).to_dict()
 
 
-def submit(payload: dict[str, Any]) -> dict[str, Any]:
+def submit(payload: dict[str, Any], send_event_url: str | None = None) -> dict[str, Any]:
+    """`send_event_url`: where this instance takes run events (from ActivitySubmit's durable
+    client binding); a backend whose runner announces its own end uses it."""
     from notebookops.compute.base import PermanentBackendError, RunSpec, run_key
     from notebookops.compute.registry import get_backend
     from notebookops.payloads import Refusal, SubmitInput, SubmitOutput
@@ -163,7 +165,10 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
             compute=job.compute,
             tags=_tags(job),
         )
-        handle = backend.submit(spec)
+        if send_event_url and getattr(backend, "announces_own_ends", False):
+            handle = backend.submit(spec, send_event_url=send_event_url)
+        else:
+            handle = backend.submit(spec)
     except PermanentBackendError as exc:
         return _refused(exc)
     except RepoError as exc:
@@ -185,19 +190,17 @@ def submit(payload: dict[str, Any]) -> dict[str, Any]:
     _tell(client, lines + [f"warning: {job.path}: {w}" for w in warnings])
     return SubmitOutput(
         handle=handle,
-        poll_policy=_poll_policy(backend),
+        poll_policy=_poll_policy(backend, send_event_url),
         warnings=warnings or None,
         disabled=_newly_disabled(client),
     ).to_dict()
 
 
-def _poll_policy(backend: Any) -> Any:
-    """The backend's poll policy, with the event race once run events are set up for it."""
+def _poll_policy(backend: Any, send_event_url: str | None) -> Any:
+    """The backend's poll policy, with the event race once run events reach the instance."""
     from notebookops import run_events
 
-    if getattr(backend, "pushes_events", False) and run_events.events_enabled():
-        return run_events.with_push(backend.poll_policy)
-    return backend.poll_policy
+    return run_events.policy_for(backend, send_event_url)
 
 
 def _parameter_warnings(job: SubmitInput, checkout: Path) -> list[str]:

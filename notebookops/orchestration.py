@@ -130,28 +130,37 @@ def note_disabled(state: dict[str, Any], result: Any) -> None:
         state["disabledCalls"] = {**(state.get("disabledCalls") or {}), **result["disabled"]}
 
 
+# Event waits kept open between rounds: events that arrive while a round runs each fill one,
+# so a burst of run ends is read in full by the next round (the SDK buffers only the latest
+# event that finds no open wait). Waits add nothing to the history.
+EVENT_WAITS = 8
+
+
 def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
     """Returns True when every notebook is finished, False after continue_as_new.
 
     With run events (a pushing backend) the wait between rounds is a race between the safety
-    timer and the next event: the loser timer is cancelled, and the round after an event polls
-    only the runs it named. One event wait serves the whole generation until an event arrives,
-    so no stale wait is left to swallow a later event. An event raised while a generation
-    ends may be lost; every generation starts by polling every run, which catches it up."""
+    timer and open event waits: the losing timer is cancelled, and a round polls only the runs
+    events named and those whose own safety poll is due (policy.to_poll, policy.after_polls).
+    Events that arrived but were not read when a generation ends are carried in the state
+    (`pollFirst`), so the next generation polls their runs first; an event lost anyway (Event
+    Grid's own losses, or an overflow of EVENT_WAITS + 1 in one round) leaves its run to its
+    safety poll."""
     policy.mark_ready(state, context.current_utc_datetime)
-    event: Task | None = None
-    named: set[str] | None = None  # after an event: the runs it named; None: every run
-    last_full_poll = context.current_utc_datetime
+    waits: list[Task] = []
+    named: set[str] = set(state.pop("pollFirst", None) or [])
     for _ in range(ROUNDS_PER_GENERATION):
-        if named is None:
-            last_full_poll = context.current_utc_datetime
+        now = context.current_utc_datetime
+        polled = policy.to_poll(state, named, now) if policy.pushing(state) else None
         yield from _monitor(
             context,
             state,
-            policy.cancellations(state, context.current_utc_datetime),
-            wait=policy.long_poll_wait(state, context.current_utc_datetime),
-            only=named,
+            policy.cancellations(state, now),
+            wait=policy.long_poll_wait(state, now),
+            only=polled,
         )
+        if polled is not None:
+            policy.after_polls(state, polled, named, context.current_utc_datetime)
         # A failure seen in this round stops the rest now (failFast), not a round later.
         late_stops = policy.cancellations(state, context.current_utc_datetime)
         if late_stops:
@@ -162,25 +171,40 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
         if policy.all_done(state):
             return True
         state["round"] += 1
-        named = None
+        named = set()
         if policy.long_polling(state):  # a long-polling monitor already waited
             continue
-        timer = context.create_timer(
-            policy.next_wake(state, context.current_utc_datetime, last_full_poll)
-        )
+        timer = context.create_timer(policy.next_wake(state, context.current_utc_datetime))
         if not policy.pushing(state):
             yield timer
             continue
-        if event is None:
-            event = context.wait_for_external_event(run_events.EVENT_NAME)
-        winner = yield context.task_any([event, timer])
-        if winner is event:
+        waits += [
+            context.wait_for_external_event(run_events.EVENT_NAME)
+            for _ in range(EVENT_WAITS - len(waits))
+        ]
+        winner = yield context.task_any([timer, *waits])
+        if winner is not timer:
             timer.cancel()
-            named = policy.paths_of_runs(state, [event.result])
-            _forget_consumed_event(context)
-            event = None
+            named, waits = _read_events(context, state, waits)
+    if policy.pushing(state):
+        # The last race's events, and those that came while its round ran.
+        arrived, waits = _read_events(context, state, waits)
+        state["pollFirst"] = sorted(named | arrived)
     context.continue_as_new({"state": state})
     return False
+
+
+def _read_events(
+    context: df.DurableOrchestrationContext, state: dict[str, Any], waits: list[Task]
+) -> tuple[set[str], list[Task]]:
+    """The running notebooks the arrived events name, and the waits still open."""
+    done = [w for w in waits if w.is_completed]
+    if done:
+        _forget_consumed_event(context)
+    return (
+        policy.paths_of_runs(state, [w.result for w in done]),
+        [w for w in waits if not w.is_completed],
+    )
 
 
 def _forget_consumed_event(context: df.DurableOrchestrationContext) -> None:

@@ -416,16 +416,15 @@ def paths_of_runs(state: dict[str, Any], events: list[Any]) -> set[str]:
     return {n["path"] for n in active(state) if n.get("runId") in run_ids}
 
 
-def next_wake(
-    state: dict[str, Any], now: datetime, last_full_poll: datetime | None = None
-) -> datetime:
+def next_wake(state: dict[str, Any], now: datetime) -> datetime:
     """Back off between rounds, but never sleep past the nearest deadline. With run events the
-    safety poll comes one interval after the last round that polled every run, however many
-    event rounds came between: a run whose event was lost is polled on time."""
+    wait lasts until the earliest run's safety poll (see schedule_safety)."""
     policy = state.get("pollPolicy") or DEFAULT_POLL
     if pushing(state):
-        since = last_full_poll or now
-        wake = max(now, since + timedelta(seconds=float(policy["pushIntervalSeconds"])))
+        schedule_safety(state, now)
+        due = [parse(n["safetyAt"]) for n in active(state)]
+        first = timedelta(seconds=float(policy["pushIntervalSeconds"]))
+        wake = max(now, min(due, default=now + first))
     else:
         interval = float(policy["firstIntervalSeconds"]) * float(policy["factor"]) ** state["round"]
         interval = min(interval, float(policy["maxIntervalSeconds"]))
@@ -437,6 +436,89 @@ def next_wake(
     if nearest > now:
         wake = min(wake, nearest)
     return wake
+
+
+# With run events, a run's safety interval grows this much after each safety poll that finds
+# it still going, up to the policy's cap, while the instance's events can be trusted: at least
+# TRUSTED_SHARE of the run ends it saw were announced (x4 from 300 s: polls at 5, 25, 85 min...).
+SAFETY_GROWTH = 4.0
+TRUSTED_SHARE = 0.8
+
+
+def _safety_bounds(state: dict[str, Any]) -> tuple[float, float]:
+    policy = state.get("pollPolicy") or {}
+    first = float(policy.get("pushIntervalSeconds") or 0)
+    return first, max(first, float(policy.get("pushMaxIntervalSeconds") or 0))
+
+
+def schedule_safety(state: dict[str, Any], now: datetime) -> None:
+    """Give each running notebook without one its first safety poll: one first interval after
+    its submit. Idempotent."""
+    first, _ = _safety_bounds(state)
+    for notebook in active(state):
+        if not notebook.get("safetyAt"):
+            since = parse(notebook["submittedAt"]) if notebook.get("submittedAt") else now
+            notebook["safetySeconds"] = first
+            notebook["safetyAt"] = iso(since + timedelta(seconds=first))
+
+
+def to_poll(state: dict[str, Any], named: set[str], now: datetime) -> set[str]:
+    """With run events, a round polls the runs events named and those whose safety poll is
+    due, nothing else."""
+    schedule_safety(state, now)
+    return {n["path"] for n in active(state) if n["path"] in named or parse(n["safetyAt"]) <= now}
+
+
+def _missed_event(notebook: dict[str, Any], now: datetime, grace: float) -> bool:
+    """A run found succeeded, without its event, well after its end: Azure ML announces every
+    completed run (RunCompleted), so the event was lost. Failed and canceled runs may produce
+    none, and an end younger than `grace` may still have its event on the way (late)."""
+    if notebook["state"] != "succeeded" or not notebook.get("startedAt"):
+        return False
+    ended = parse(notebook["startedAt"]) + timedelta(
+        seconds=float(notebook.get("durationSeconds") or 0)
+    )
+    return (now - ended).total_seconds() > grace
+
+
+def events_trusted(state: dict[str, Any]) -> bool:
+    """Events keep arriving: some run's end came by event, and at least TRUSTED_SHARE of the
+    ends seen were announced (a run a safety poll found ended had its event missed)."""
+    announced = int(state.get("announcedEnds") or 0)
+    missed = int(state.get("missedEvents") or 0)
+    return announced > 0 and announced >= TRUSTED_SHARE * (announced + missed)
+
+
+def after_polls(state: dict[str, Any], polled: set[str], named: set[str], now: datetime) -> None:
+    """Count what this round's polls say about the events, and plan each run's next safety poll.
+
+    - A run an event named and the poll found ended was announced; one a safety poll found
+      succeeded well after its end, unannounced, had its event missed (_missed_event).
+    - A run still going is polled again one safety interval from now. After its own safety
+      poll that interval grows (SAFETY_GROWTH, up to the cap) while events are trusted, and
+      falls back to the first interval when they are not. So a run whose end is never
+      announced is seen at most the cap after it ended, and at most the first interval once
+      the instance's events have proven unreliable."""
+    first, cap = _safety_bounds(state)
+    by_path = {n["path"]: n for n in state["notebooks"]}
+    announced = [
+        p for p in polled & named if p in by_path and by_path[p]["state"] in TERMINAL_STATES
+    ]
+    missed = [p for p in polled - named if p in by_path and _missed_event(by_path[p], now, first)]
+    state["announcedEnds"] = int(state.get("announcedEnds") or 0) + len(announced)
+    state["missedEvents"] = int(state.get("missedEvents") or 0) + len(missed)
+    trusted = events_trusted(state)
+    for path in polled:
+        notebook = by_path.get(path)
+        if notebook is None or notebook["state"] in TERMINAL_STATES:
+            continue
+        seconds = float(notebook.get("safetySeconds") or first)
+        if not trusted:
+            seconds = first
+        elif path not in named:
+            seconds = min(cap, seconds * SAFETY_GROWTH)
+        notebook["safetySeconds"] = seconds
+        notebook["safetyAt"] = iso(now + timedelta(seconds=seconds))
 
 
 def long_polling(state: dict[str, Any]) -> bool:

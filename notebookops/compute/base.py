@@ -188,6 +188,9 @@ class PollPolicy(Contract):
     notebookops.run_events) gets `push_interval_seconds` once events are set up: the
     orchestrator then waits for an event or that interval, whichever comes first. Events may be
     lost, late or duplicated, so the interval stays as a safety net and polls stay the truth.
+    While events keep arriving, each run's safety interval doubles from there up to
+    `push_max_interval_seconds` (0: it stays at `push_interval_seconds`); a run found ended
+    without its event brings every run back to the first interval (notebookops.policy).
     """
 
     first_interval_seconds: float
@@ -195,6 +198,7 @@ class PollPolicy(Contract):
     max_interval_seconds: float
     long_poll_seconds: float = 0.0
     push_interval_seconds: float = 0.0
+    push_max_interval_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.first_interval_seconds <= 0:
@@ -212,6 +216,11 @@ class PollPolicy(Contract):
             raise ValueError(
                 "PollPolicy: push_interval_seconds has invalid value "
                 f"{self.push_interval_seconds!r}"
+            )
+        if self.push_max_interval_seconds < 0:
+            raise ValueError(
+                "PollPolicy: push_max_interval_seconds has invalid value "
+                f"{self.push_max_interval_seconds!r}"
             )
         if self.max_interval_seconds < self.first_interval_seconds:
             raise ValueError(

@@ -77,6 +77,12 @@ class LocalBackend:
     poll_policy = PollPolicy(
         first_interval_seconds=0.2, factor=1.2, max_interval_seconds=0.5, long_poll_seconds=5.0
     )
+    # Given the instance's send-event URL at submit, the runner announces the run's end itself
+    # (notebookops.run_events): the orchestrator then waits for that event instead of long
+    # polling, and polls every SAFETY_POLL_SECONDS in case the runner was killed outright.
+    pushes_events = True
+    announces_own_ends = True
+    safety_poll_seconds = 60.0
 
     def __init__(
         self,
@@ -114,7 +120,9 @@ class LocalBackend:
 
     # -- submit -------------------------------------------------------------------------------
 
-    def submit(self, spec: RunSpec) -> RunHandle:
+    def submit(self, spec: RunSpec, send_event_url: str | None = None) -> RunHandle:
+        """`send_event_url`: where the runner announces the run's start and end (it holds the
+        host's key: it goes to the runner's stdin only, see run_events)."""
         source_root, notebook = self._validate(spec)
         run_dir = self.runs_root / spec.run_key
         locks = self.runs_root / ".locks"
@@ -145,7 +153,7 @@ class LocalBackend:
                 },
             )
             files.init_state()
-            self._start_runner(files)
+            self._start_runner(files, send_event_url)
             return self._handle(spec.run_key, run_dir, notebook)
 
     def _validate(self, spec: RunSpec) -> tuple[Path, str]:
@@ -176,11 +184,13 @@ class LocalBackend:
         )
         return env
 
-    def _start_runner(self, files: RunFiles) -> None:
+    def _start_runner(self, files: RunFiles, send_event_url: str | None = None) -> None:
         env = self._runner_env()
         # Forked by the fork server when one serves this runs root (milliseconds, no imports to
         # pay); else a fresh interpreter, and a server is started for the notebooks after it.
-        if local_forkserver.request(self.runs_root, files.run_dir, env):
+        # The send-event URL holds the host's key: it goes over the server's private socket or
+        # on the runner's stdin, never into run.json or an environment the kernel inherits.
+        if local_forkserver.request(self.runs_root, files.run_dir, env, send_event_url):
             return
         if files.runner_pid() is not None:  # forked, but the server's answer was lost
             return
@@ -191,7 +201,7 @@ class LocalBackend:
                 [sys.executable, "-m", RUNNER_MODULE, str(files.run_dir)],
                 cwd=files.run_dir,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                input=(send_event_url or "").encode(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -58,8 +58,11 @@ def socket_path(runs_root: Path, server_key: str) -> Path:
     return runs_root / f".forkserver-{server_key}.sock"
 
 
-def request(runs_root: Path, run_dir: Path, env: dict[str, str]) -> bool:
-    """Have the server fork the runner of `run_dir`; True once the server says it did."""
+def request(
+    runs_root: Path, run_dir: Path, env: dict[str, str], send_event_url: str | None = None
+) -> bool:
+    """Have the server fork the runner of `run_dir`; True once the server says it did.
+    `send_event_url` (it holds the host's key) travels only over this private socket."""
     path = socket_path(runs_root, key(env))
     if not path.exists():
         return False
@@ -67,7 +70,8 @@ def request(runs_root: Path, run_dir: Path, env: dict[str, str]) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(CONNECT_TIMEOUT_SECONDS)
             conn.connect(str(path))
-            conn.sendall(json.dumps({"runDir": str(run_dir), "env": env}).encode() + b"\n")
+            ask = {"runDir": str(run_dir), "env": env, "sendEventUrl": send_event_url}
+            conn.sendall(json.dumps(ask).encode() + b"\n")
             answer = _read_line(conn)
         return bool(json.loads(answer or b"{}").get("pid"))
     except (OSError, ValueError):
@@ -114,7 +118,9 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def _fork_runner(conn: socket.socket, run_dir: Path, env: dict[str, str]) -> int:
+def _fork_runner(
+    conn: socket.socket, run_dir: Path, env: dict[str, str], send_event_url: str | None = None
+) -> int:
     from notebookops.compute import local_runner
     from notebookops.compute.local_state import RunFiles
 
@@ -133,7 +139,7 @@ def _fork_runner(conn: socket.socket, run_dir: Path, env: dict[str, str]) -> int
             os.environ.clear()
             os.environ.update(env)
             os.chdir(run_dir)
-            code = local_runner.serve_forked(run_dir)
+            code = local_runner.serve_forked(run_dir, send_event_url)
         finally:
             os._exit(code)
     os.close(log)
@@ -187,7 +193,9 @@ def _answer(conn: socket.socket) -> None:
         run_dir, env = Path(ask["runDir"]), ask["env"]
         if not isinstance(env, dict) or not (run_dir / "run.json").is_file():
             return
-        pid = _fork_runner(conn, run_dir, {str(k): str(v) for k, v in env.items()})
+        url = ask.get("sendEventUrl")
+        env = {str(k): str(v) for k, v in env.items()}
+        pid = _fork_runner(conn, run_dir, env, url if isinstance(url, str) else None)
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"fork server: request refused: {type(exc).__name__}: {exc}", flush=True)

@@ -495,7 +495,59 @@ def _preload() -> None:
     del jupyter_client, papermill, zmq
 
 
-def run(run_dir: Path) -> int:
+_ANNOUNCED: list[bool] = []
+
+
+def announce_start(files: RunFiles, send_event_url: str | None) -> threading.Thread | None:
+    """Tell the waiting orchestration the notebook started executing (its progress shows it
+    running, as a long poll did), from a thread: the notebook does not wait for the host."""
+    if not send_event_url:
+        return None
+    from notebookops.run_events import post_run_status
+
+    def post() -> None:
+        problem = post_run_status(send_event_url, files.run_dir.name, "running")
+        if problem:  # never the URL: it holds the host's key
+            print(f"run start not announced: {problem}", flush=True)
+
+    thread = threading.Thread(target=post, name="announce-start", daemon=True)
+    thread.start()
+    return thread
+
+
+def announce_end(files: RunFiles, send_event_url: str | None) -> None:
+    """Tell the waiting orchestration this run ended (`runStatusChanged`, as Event Grid does
+    for Azure ML), once, best effort: the orchestrator's safety poll stays the truth."""
+    if not send_event_url or _ANNOUNCED:
+        return
+    from notebookops.compute.base import TERMINAL_STATES
+    from notebookops.run_events import post_run_status
+
+    state = files.read_state().get("state")
+    if state not in TERMINAL_STATES:
+        return
+    _ANNOUNCED.append(True)
+    problem = post_run_status(send_event_url, files.run_dir.name, str(state))
+    if problem:  # never the URL: it holds the host's key
+        print(f"run end not announced: {problem}; the orchestrator's poll will see it", flush=True)
+
+
+def _read_send_event_url() -> str | None:
+    """What the submit handed over on stdin (see LocalBackend._start_runner); nothing when
+    stdin is not a pipe or file (a runner started by hand)."""
+    import stat
+
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+        return None
+    text = sys.stdin.read(4096).strip()
+    return text or None
+
+
+def run(run_dir: Path, send_event_url: str | None = None) -> int:
     files = RunFiles(run_dir)
     config = read_json(files.run_json)
     abort = Abort(files)
@@ -530,6 +582,7 @@ def run(run_dir: Path) -> int:
     if slot is None or not files.mark_running():
         abort.kill_kernel()
         return 0
+    announce_start(files, send_event_url)
     # The limit counts from here: the run holds a worker slot and its kernel is ready, so
     # neither waiting for a slot nor starting the kernel eats into it.
     timeout = config.get("timeoutSeconds")
@@ -561,6 +614,7 @@ def run(run_dir: Path) -> int:
         else:
             files.finalize(FAILED, f"{error.ename}: {error.evalue}", error.to_dict())
     os.close(slot)  # the verdict is on disk: the next notebook may start now
+    announce_end(files, send_event_url)  # before the kernel's shutdown, which may take seconds
     if km is not None and abort.reason is None:
         # Like papermill: ask the kernel to exit (it may flush files), bounded; then kill.
         from jupyter_core.utils import run_sync
@@ -581,25 +635,34 @@ def main(argv: list[str]) -> int:
         return 2
     run_dir = Path(argv[1])
     files = RunFiles(run_dir)
+    send_event_url = _read_send_event_url()
     child = os.fork()
     if child:
         files.record_runner(child)
         return 0
     os.setsid()
-    os._exit(serve_forked(run_dir))  # skip interpreter teardown: the verdict is on disk already
+    with contextlib.suppress(OSError):  # the kernel inherits nothing of the submit's pipe
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    # skip interpreter teardown: the verdict is on disk already
+    os._exit(serve_forked(run_dir, send_event_url))
 
 
-def serve_forked(run_dir: Path) -> int:
+def serve_forked(run_dir: Path, send_event_url: str | None = None) -> int:
     """The runner's life once detached, forked by `main` or by the fork server
-    (local_forkserver.py); returns the exit code."""
+    (local_forkserver.py); returns the exit code. `send_event_url`: where to announce the
+    run's start and end (see announce_end)."""
+    files = RunFiles(run_dir)
     try:
-        code = run(run_dir)
+        code = run(run_dir, send_event_url)
     except BaseException as exc:
         import traceback
 
-        RunFiles(run_dir).finalize(FAILED, f"local runner crashed: {type(exc).__name__}: {exc}")
+        files.finalize(FAILED, f"local runner crashed: {type(exc).__name__}: {exc}")
         traceback.print_exc()
         code = 1
+    announce_end(files, send_event_url)  # also the runs that ended before executing
     sys.stdout.flush()
     sys.stderr.flush()
     return code
