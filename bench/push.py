@@ -4,8 +4,9 @@ N notebooks whose fake Azure ML jobs end at seeded random times over 1-120 minut
 run twice through the real app (ServiceBusStarter -> OrchestratorFunction -> activities):
 
 - (a) polling only: Azure ML's own policy, 15 s x1.5 up to 120 s;
-- (b) push: the backend declares `pushes_events`, NOTEBOOKOPS_RUN_EVENTS=1, a 300 s safety
-  poll, and the fake service raises the run's end on the orchestration at a virtual time
+- (b) push: the backend declares `pushes_events`, NOTEBOOKOPS_RUN_EVENTS=1, a per-run safety
+  poll 300 s after submit growing x4 per poll to 3600 s while events are trusted, and the fake
+  service raises the run's end on the orchestration at a virtual time
   (devhost's `raise_event(..., at=)`): 10% of the ends are never announced, 10% announced twice,
   20% late (30 s to 3 min, so out of order with later ends), the rest within 0.2-2 s.
 
@@ -38,6 +39,7 @@ from tests.fake_backend import FakeBackend
 SEED = 14
 DROP, DUPLICATE, LATE = 0.10, 0.10, 0.20
 SAFETY_SECONDS = 300
+SAFETY_MAX_SECONDS = 3600
 
 
 class ClockedBackend(FakeBackend):
@@ -153,6 +155,7 @@ def _one(repo: Path, paths: list[str], state: Path, push: bool, seed: int) -> di
     if push:
         os.environ[run_events.EVENTS_SETTING] = "1"
         os.environ[run_events.SAFETY_POLL_SETTING] = str(SAFETY_SECONDS)
+        os.environ[run_events.SAFETY_POLL_MAX_SETTING] = str(SAFETY_MAX_SECONDS)
     else:
         os.environ.pop(run_events.EVENTS_SETTING, None)
     body = {
@@ -252,7 +255,7 @@ def run(report: Report, notebooks: int = 50, max_minutes: float = 120.0) -> dict
             "none lost" if worst is None else f"{worst:.1f} s",
             "",
             "",
-            f"(safety poll {SAFETY_SECONDS} s)",
+            f"(safety poll {SAFETY_SECONDS} s growing to {SAFETY_MAX_SECONDS} s)",
             None,
         )
         same = polled["verdicts"] == pushed["verdicts"] and polled["result"] == pushed["result"]

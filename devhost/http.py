@@ -79,13 +79,18 @@ def _parse_time(text: str | None) -> float | None:
     return parse_iso(text).timestamp()
 
 
+_KEY_IN_QUERY = re.compile(r"([?&]code=)[^&\s\"]*")
+
+
 class _Handler(BaseHTTPRequestHandler):
     host: Engine
     protocol_version = "HTTP/1.1"
     server_version = "devhost"
 
     def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), fmt % args)
+        # A function key in the query (`code=`, as Functions URLs carry) is never logged, as the
+        # Functions host's own request log sanitizes it.
+        log.debug("%s %s", self.address_string(), _KEY_IN_QUERY.sub(r"\1[redacted]", fmt % args))
 
     # -- plumbing ---------------------------------------------------------------------------
 

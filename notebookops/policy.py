@@ -462,11 +462,27 @@ def schedule_safety(state: dict[str, Any], now: datetime) -> None:
             notebook["safetyAt"] = iso(since + timedelta(seconds=first))
 
 
+# A round polls the runs whose safety poll is due within this share of their interval (at
+# most SAFETY_SLACK_MAX seconds) too, so runs submitted moments apart share rounds instead of
+# each waking the orchestrator; minutes early would only cost status calls.
+SAFETY_SLACK = 0.25
+SAFETY_SLACK_MAX = 30.0
+
+
 def to_poll(state: dict[str, Any], named: set[str], now: datetime) -> set[str]:
     """With run events, a round polls the runs events named and those whose safety poll is
-    due, nothing else."""
+    due (or nearly: _slack), nothing else."""
     schedule_safety(state, now)
-    return {n["path"] for n in active(state) if n["path"] in named or parse(n["safetyAt"]) <= now}
+    return {
+        n["path"]
+        for n in active(state)
+        if n["path"] in named or parse(n["safetyAt"]) <= now + _slack(n)
+    }
+
+
+def _slack(notebook: dict[str, Any]) -> timedelta:
+    seconds = SAFETY_SLACK * float(notebook.get("safetySeconds") or 0)
+    return timedelta(seconds=min(seconds, SAFETY_SLACK_MAX))
 
 
 def _missed_event(notebook: dict[str, Any], now: datetime, grace: float) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -189,23 +190,222 @@ def test_a_finished_job_is_seen_by_its_event_not_by_the_hour_long_safety_poll(
     assert kinds.count(TIMER_FIRED) == 0
 
 
-def test_the_safety_poll_is_not_pushed_back_by_the_events_that_came_between():
-    """A run whose event was lost is polled one safety interval after the last round that
-    polled every run, however many event rounds for other runs came in between."""
-    from datetime import UTC, datetime, timedelta
+def _push_state(now, first=300.0, cap=3600.0, paths=("a", "b")):
+    from notebookops import policy
 
+    return {
+        "pollPolicy": {"pushIntervalSeconds": first, "pushMaxIntervalSeconds": cap},
+        "round": 3,
+        "deadline": policy.iso(now + timedelta(days=1)),
+        "notebooks": [
+            {"path": p, "state": "running", "submittedAt": policy.iso(now), "deadline": None}
+            for p in paths
+        ],
+    }
+
+
+def _end_of(state, path, now, seconds_ago=0.0, outcome="succeeded"):
+    from notebookops import policy
+
+    notebook = next(n for n in state["notebooks"] if n["path"] == path)
+    notebook.update(
+        state=outcome,
+        startedAt=notebook["submittedAt"],
+        durationSeconds=(now - policy.parse(notebook["submittedAt"])).total_seconds() - seconds_ago,
+    )
+
+
+def test_safety_polls_grow_while_events_are_trusted_and_fall_back_once_events_go_missing():
+    """A run is polled one first interval after its submit; while the instance's run ends keep
+    coming by event its interval grows x4 up to the cap (the longest a lost event leaves a run
+    unseen); once too many ends come without their event, every run is back at the first."""
+    from notebookops import policy
+
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    state = _push_state(t0, paths=("a", "b", "c", "d"))
+    assert policy.to_poll(state, set(), t0 + timedelta(seconds=269)) == set()
+    assert policy.next_wake(state, t0) == t0 + timedelta(seconds=300)
+    # An event names c: only c is polled, at once, and its end counts as announced.
+    at = t0 + timedelta(seconds=120)
+    assert policy.to_poll(state, {"c"}, at) == {"c"}
+    _end_of(state, "c", at, seconds_ago=1)
+    policy.after_polls(state, {"c"}, {"c"}, at)
+    assert policy.events_trusted(state)
+    # The safety poll at 5 min finds a, b, d still running: next one 20 min later.
+    t = t0 + timedelta(seconds=300)
+    assert policy.to_poll(state, set(), t) == {"a", "b", "d"}
+    policy.after_polls(state, {"a", "b", "d"}, set(), t)
+    assert policy.next_wake(state, t) == t + timedelta(seconds=1200)
+    t += timedelta(seconds=1200)
+    policy.after_polls(state, policy.to_poll(state, set(), t), set(), t)
+    assert policy.next_wake(state, t) == t + timedelta(seconds=3600)  # capped
+    # Four more ends come by event (5 announced), then a safety poll finds d succeeded 20 min
+    # ago with no event: 5 of 6 ends announced is still trusted...
+    for name in ("e", "f", "g", "h"):
+        state["notebooks"].append({"path": name, "state": "running", "submittedAt": policy.iso(t0)})
+        _end_of(state, name, t)
+        policy.after_polls(state, {name}, {name}, t)
+    t += timedelta(seconds=3600)
+    polled = policy.to_poll(state, set(), t)
+    _end_of(state, "d", t, seconds_ago=1200)  # what the poll finds
+    policy.after_polls(state, polled, set(), t)
+    assert state["missedEvents"] == 1 and policy.events_trusted(state)
+    assert policy.next_wake(state, t) == t + timedelta(seconds=3600)
+    # ...a second miss is not (5 of 7): a and b are polled every first interval again.
+    state["notebooks"].append({"path": "i", "state": "running", "submittedAt": policy.iso(t0)})
+    t += timedelta(seconds=3600)
+    polled = policy.to_poll(state, set(), t)
+    _end_of(state, "i", t, seconds_ago=900)
+    policy.after_polls(state, polled, set(), t)
+    assert not policy.events_trusted(state)
+    assert policy.next_wake(state, t) == t + timedelta(seconds=300)
+
+
+def test_a_late_or_failed_end_is_not_a_missed_event():
+    """Azure ML announces every completed run; a failed or canceled one may have no event, and
+    an end of a few minutes ago may have its event still on the way."""
+    from notebookops import policy
+
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    state = _push_state(t0, paths=("a", "b", "c"))
+    t = t0 + timedelta(seconds=300)
+    polled = policy.to_poll(state, set(), t)
+    assert polled == {"a", "b", "c"}
+    _end_of(state, "a", t, seconds_ago=120)  # late, maybe
+    _end_of(state, "b", t, seconds_ago=280, outcome="failed")
+    policy.after_polls(state, polled, set(), t)
+    assert not state["missedEvents"]
+    # Found 10 minutes after its end, with no event: missed.
+    t += timedelta(seconds=600)
+    polled = policy.to_poll(state, set(), t)
+    _end_of(state, "c", t, seconds_ago=600)
+    policy.after_polls(state, polled, set(), t)
+    assert state["missedEvents"] == 1
+
+
+def test_the_wait_never_passes_a_deadline():
     from notebookops import policy
 
     now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-    state = {
-        "pollPolicy": {"pushIntervalSeconds": 300.0},
-        "round": 7,
-        "deadline": policy.iso(now + timedelta(hours=1)),
-        "notebooks": [],
-    }
-    assert policy.next_wake(state, now, now - timedelta(seconds=250)) == now + timedelta(seconds=50)
-    assert policy.next_wake(state, now, now - timedelta(seconds=400)) == now
-    assert policy.next_wake(state, now) == now + timedelta(seconds=300)
-    # Never past the run's deadline.
+    state = _push_state(now)
     state["deadline"] = policy.iso(now + timedelta(seconds=20))
-    assert policy.next_wake(state, now, now) == now + timedelta(seconds=20)
+    assert policy.next_wake(state, now) == now + timedelta(seconds=20)
+    state["notebooks"] = []
+    state["deadline"] = policy.iso(now + timedelta(days=1))
+    assert policy.next_wake(state, now) == now + timedelta(seconds=300)
+
+
+def test_the_local_backend_pushes_only_with_somewhere_to_send_its_events(monkeypatch):
+    from notebookops.compute.local import LocalBackend
+
+    backend = LocalBackend(allowed=True)
+    url = "http://127.0.0.1:7071/runtime/webhooks/durabletask/instances/i/raiseEvent/x?code=k"
+    pushed = run_events.policy_for(backend, url)
+    assert pushed.push_interval_seconds == LocalBackend.safety_poll_seconds
+    assert pushed.long_poll_seconds == 0  # the events replace the long poll
+    assert run_events.policy_for(backend, None) == LocalBackend.poll_policy
+    # Azure ML's backends need the Event Grid subscription declared, not a URL.
+    monkeypatch.delenv(run_events.EVENTS_SETTING, raising=False)
+    assert run_events.policy_for(PushingFake(), url) == PushingFake.poll_policy
+
+
+def test_the_send_event_url_comes_from_the_durable_client_binding():
+    from devhost.engine import Engine
+
+    engine = Engine.__new__(Engine)
+    engine.base_url = "http://127.0.0.1:7071"
+    engine.app = type("App", (), {"hub_name": "hub"})()
+    url = run_events.send_event_url(engine.client_binding(), "inst-1")
+    assert url == (
+        "http://127.0.0.1:7071/runtime/webhooks/durabletask/instances/inst-1/raiseEvent/"
+        f"{run_events.EVENT_NAME}?taskHub=hub&connection=Storage"
+    )
+    engine.base_url = ""  # devhost without its HTTP door: nowhere to post to
+    assert run_events.send_event_url(engine.client_binding(), "inst-1") is None
+    assert run_events.send_event_url("not json", "inst-1") is None
+
+
+SYSTEM_KEY = "sYsTeMkEy-0123456789abcdef-must-never-leak"
+
+
+@pytest.mark.slow
+def test_a_local_run_is_picked_up_by_its_runners_events_not_by_a_poll(
+    flow_env,  # noqa: F811 - the fixture
+    monkeypatch,
+    caplog,
+):
+    """Real kernels on the local backend, devhost on the real clock, a safety poll of an hour:
+    every notebook's start and end reach the orchestration as `runStatusChanged` events raised
+    by its runner through the instance's send-event URL, each round after an event polls only
+    the runs events named, and no timer ever fires. The URL carries a system key here, as on
+    Azure (devhost's has none): it is in no file, log, status, output or notebook."""
+    import logging
+
+    from devhost.events import TASK_SCHEDULED
+    from notebookops.compute.local import LocalBackend
+    from tests.gitrepos import notebook
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(LocalBackend, "safety_poll_seconds", 3600.0)
+    repo = make_repo(
+        flow_env / "repo",
+        {
+            # The notebook looks for the key where a careless design would leave it.
+            "env.ipynb": notebook(
+                "import os, sys\nprint(dict(os.environ))\nprint(sys.stdin)",
+                "import time\ntime.sleep(1)",
+            ),
+            "fail.ipynb": notebook("raise ValueError('on purpose')"),
+        },
+    )
+    body = message(repo, ["env.ipynb", "fail.ipynb"], compute={"backend": "local"})
+    started = time.monotonic()
+    with app_host(flow_env / "state", clock="real") as host:
+        plain = host.client_binding
+
+        def with_key() -> str:  # what the Functions host binds: the URLs carry its key
+            binding = json.loads(plain())
+            urls = binding["managementUrls"]
+            urls["sendEventPostUri"] += f"&code={SYSTEM_KEY}"
+            return json.dumps(binding)
+
+        host.client_binding = with_key
+        instance = deliver(host, body)
+        result = host.wait_for(instance, timeout=240)
+        wall = time.monotonic() - started
+        history = host.history(instance)
+        status = host.get_status(instance, show_history=True, show_history_output=True)
+
+    assert result["runtimeStatus"] == "Completed", result
+    states = {n["path"]: n["state"] for n in result["output"]["notebooks"]}
+    assert states == {"env.ipynb": "succeeded", "fail.ipynb": "failed"}
+    assert wall < 240 < 3600  # bounded by the notebooks, not by the safety poll
+    kinds = [e.get("EventType") for e in history]
+    assert kinds.count(TIMER_FIRED) == 0, "a poll timer fired"
+    keys = {run_key(instance, p): p for p in states}
+    raised = [json.loads(e["Input"]) for e in history if e.get("EventType") == EVENT_RAISED]
+    raised = [json.loads(r) if isinstance(r, str) else r for r in raised]
+    ends = {r["runId"]: r["status"] for r in raised if r["status"] != "running"}
+    assert ends == {
+        run_key(instance, "env.ipynb"): "succeeded",
+        run_key(instance, "fail.ipynb"): "failed",
+    }
+    # Every monitor round after the submits polled only runs an event had named before it.
+    named: set[str] = set()
+    monitors = 0
+    for event in history:
+        if event.get("EventType") == EVENT_RAISED:
+            payload = json.loads(event["Input"])
+            payload = json.loads(payload) if isinstance(payload, str) else payload
+            named.add(keys[payload["runId"]])
+        elif event.get("EventType") == TASK_SCHEDULED and event.get("Name") == "ActivityMonitor":
+            polled = {r["path"] for r in json.loads(event["Input"])["runs"]}
+            assert polled and polled <= named, (polled, named)
+            monitors += 1
+    assert monitors >= 2
+    # The key: nowhere on disk under the test's folders, in no log record, status or output.
+    for path in flow_env.rglob("*"):
+        if path.is_file():
+            assert SYSTEM_KEY.encode() not in path.read_bytes(), path
+    assert SYSTEM_KEY not in caplog.text
+    assert SYSTEM_KEY not in json.dumps(status)

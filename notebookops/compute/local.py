@@ -79,10 +79,11 @@ class LocalBackend:
     )
     # Given the instance's send-event URL at submit, the runner announces the run's end itself
     # (notebookops.run_events): the orchestrator then waits for that event instead of long
-    # polling, and polls every SAFETY_POLL_SECONDS in case the runner was killed outright.
+    # polling, and polls every safety_poll_seconds in case the runner was killed outright or
+    # the host it posts to moved (a resumed `notebookops run` listens on a new port).
     pushes_events = True
     announces_own_ends = True
-    safety_poll_seconds = 60.0
+    safety_poll_seconds = 15.0
 
     def __init__(
         self,
