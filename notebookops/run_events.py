@@ -12,7 +12,7 @@ event finds its orchestration; events for jobs we did not start carry no such ta
 
 The local backend raises the same event itself: ActivitySubmit learns the instance's
 send-event URL from its durable client binding and hands it to the detached runner (on its
-stdin, never in a file, an environment variable or a message: the URL carries the host's
+stdin or the fork server's private socket, never in a file, an environment variable or a message: the URL carries the host's
 system key), which posts the run's start and end there (`post_run_status`).
 """
 

@@ -409,3 +409,70 @@ def test_a_local_run_is_picked_up_by_its_runners_events_not_by_a_poll(
             assert SYSTEM_KEY.encode() not in path.read_bytes(), path
     assert SYSTEM_KEY not in caplog.text
     assert SYSTEM_KEY not in json.dumps(status)
+
+
+@pytest.mark.slow
+def test_runners_started_both_ways_announce_their_start_and_end(tmp_path, monkeypatch):
+    """The first runner is a fresh interpreter (the URL on its stdin), the next ones are forked
+    by the fork server (the URL over its socket): each posts `running` and its end to the
+    send-event URL, JSON as the durable webhook takes it. A loopback server stands in for the
+    host's webhook; the key in the URL is in none of the run's files."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    from notebookops.compute import get_backend, local_forkserver
+    from tests.test_compute_local import finish, make_spec, wait_for, write_notebook
+
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("NOTEBOOKOPS_ALLOW_LOCAL_BACKEND", "1")
+    monkeypatch.setenv("NOTEBOOKOPS_LOCAL_RUNS_DIR", str(runs))
+    monkeypatch.setenv("NOTEBOOKOPS_LOCAL_WORKERS", "2")
+    received: list[tuple[str, str, dict]] = []
+
+    class Webhook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], json.loads(body)))
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = (
+        f"http://127.0.0.1:{server.server_address[1]}/runtime/webhooks/durabletask/instances/"
+        f"i/raiseEvent/{run_events.EVENT_NAME}?taskHub=h&connection=Storage&code={SYSTEM_KEY}"
+    )
+    try:
+        for name in ("a", "b"):
+            write_notebook(checkout / f"{name}.ipynb", f"print('{name}')")
+        backend = get_backend("local")
+        first = backend.submit(make_spec(checkout, "a.ipynb"), send_event_url=url)
+        socket = local_forkserver.socket_path(runs, local_forkserver.key(backend._runner_env()))
+        wait_for(socket.exists, 60, "the fork server to listen")
+        later = backend.submit(make_spec(checkout, "b.ipynb"), send_event_url=url)
+        for handle in (first, later):
+            assert finish(backend, handle).state == "succeeded"
+        wait_for(lambda: len(received) >= 4, 30, "both runs' announcements")
+    finally:
+        server.shutdown()
+        server.server_close()
+    by_run: dict[str, list[str]] = {}
+    for path, content_type, payload in received:
+        assert path == url.split(f":{server.server_address[1]}", 1)[1]
+        assert content_type == "application/json"
+        by_run.setdefault(payload["runId"], []).append(payload["status"])
+    assert {k: sorted(v) for k, v in by_run.items()} == {
+        first.run_id: ["running", "succeeded"],
+        later.run_id: ["running", "succeeded"],
+    }
+    for path in Path(runs).rglob("*"):
+        if path.is_file() and not path.is_socket():
+            assert SYSTEM_KEY.encode() not in path.read_bytes(), path
