@@ -201,31 +201,17 @@ class PollPolicy(Contract):
     push_max_interval_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.first_interval_seconds <= 0:
-            raise ValueError(
-                "PollPolicy: first_interval_seconds has invalid value "
-                f"{self.first_interval_seconds!r}"
-            )
-        if self.factor < 1:
-            raise ValueError(f"PollPolicy: factor has invalid value {self.factor!r}")
-        if self.long_poll_seconds < 0:
-            raise ValueError(
-                f"PollPolicy: long_poll_seconds has invalid value {self.long_poll_seconds!r}"
-            )
-        if self.push_interval_seconds < 0:
-            raise ValueError(
-                "PollPolicy: push_interval_seconds has invalid value "
-                f"{self.push_interval_seconds!r}"
-            )
-        if self.push_max_interval_seconds < 0:
-            raise ValueError(
-                "PollPolicy: push_max_interval_seconds has invalid value "
-                f"{self.push_max_interval_seconds!r}"
-            )
-        if self.max_interval_seconds < self.first_interval_seconds:
-            raise ValueError(
-                f"PollPolicy: max_interval_seconds has invalid value {self.max_interval_seconds!r}"
-            )
+        wrong = {
+            "first_interval_seconds": self.first_interval_seconds <= 0,
+            "factor": self.factor < 1,
+            "long_poll_seconds": self.long_poll_seconds < 0,
+            "push_interval_seconds": self.push_interval_seconds < 0,
+            "push_max_interval_seconds": self.push_max_interval_seconds < 0,
+            "max_interval_seconds": self.max_interval_seconds < self.first_interval_seconds,
+        }
+        for name, bad in wrong.items():
+            if bad:
+                raise ValueError(f"PollPolicy: {name} has invalid value {getattr(self, name)!r}")
 
     def interval(self, round_number: int) -> float:
         """Seconds to wait before monitor round `round_number` (0-based). Pure, so replay-safe."""
