@@ -67,18 +67,29 @@ def test_recorded_payloads_read_and_write_back_the_same_json(name, given, answer
             assert value == given[key], key
     assert set(given) <= set(job.to_dict())
     output = REPORT_OUTPUTS[given["phase"]] if name == "ActivityReport" else OUTPUTS[name]
-    written = output.from_dict(answer).to_dict()
-    if name == "ActivityMonitor":
-        # The old monitor wrote `executionSeconds: null` for a notebook without papermill
-        # timing; an absent key now says the same (policy.apply_monitor copies only values).
-        assert [_values(r) for r in written["runs"]] == [_values(r) for r in answer["runs"]]
-        written["runs"] = answer["runs"] = None
-    assert written == answer
+    assert _as_recorded(output.from_dict(answer).to_dict(), answer) == answer
 
 
-def _values(observation: dict) -> dict:
-    optional = {"executionSeconds", "outputHtml", "slowestCells", "runningCell", "stopped"}
-    return {k: v for k, v in observation.items() if v is not None or k not in optional}
+# What a newer declaration may write differently from the recorded JSON and still mean the
+# same to the orchestrator: a field added since, at its default (PollPolicy's
+# pushMaxIntervalSeconds), or a null the old code wrote where an absent key now says the same
+# (the monitor's executionSeconds for a notebook without papermill timing).
+_DEFAULTS = (None, 0, 0.0, False, [], {})
+
+
+def _as_recorded(written: object, recorded: object) -> object:
+    if isinstance(written, dict) and isinstance(recorded, dict):
+        for key in set(written) - set(recorded):
+            assert written[key] in _DEFAULTS, f"{key}: {written[key]!r} was not recorded"
+        for key in set(recorded) - set(written):
+            assert recorded[key] is None, f"{key}: {recorded[key]!r} was not written back"
+        return {
+            key: _as_recorded(written[key], value) if key in written else None
+            for key, value in recorded.items()
+        }
+    if isinstance(written, list) and isinstance(recorded, list) and len(written) == len(recorded):
+        return [_as_recorded(w, r) for w, r in zip(written, recorded, strict=True)]
+    return written
 
 
 def test_contract_types_read_the_recorded_handles_and_errors() -> None:
