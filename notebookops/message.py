@@ -610,7 +610,7 @@ class RunRequest(_Model):
 
     @property
     def callback(self) -> Callback | None:
-        return self.__pydantic_private__.get("_callback") if self.__pydantic_private__ else None
+        return self._callback
 
     @property
     def repository_url(self) -> str:
@@ -633,7 +633,7 @@ class RunRequest(_Model):
 
     def with_callback(self, callback: Callback | None) -> RunRequest:
         out = self.model_copy()
-        out.__pydantic_private__ = {"_callback": callback}
+        out._callback = callback
         return out
 
     def __repr_args__(self) -> Any:

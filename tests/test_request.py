@@ -683,3 +683,42 @@ def test_strict_parameters_is_a_boolean_and_round_trips():
     assert "strictParameters" not in parse_request(body()).to_dict()
     (error,) = errors_of(body(strictParameters="yes"))
     assert error == 'strictParameters: must be true or false, got "yes"'
+
+
+def test_rules_on_two_fields_are_reported_with_the_field_errors():
+    """The backend's rules run on the raw message, so they join every other problem at once."""
+    errors = errors_of(
+        body(
+            compute={"backend": "azureml", "environment": "no such form!", "python": "/venv"},
+            notebooks=[{"path": "a.ipynb", "python": "/venv2", "timeoutMinutes": 0}],
+            timeoutMinutes=-1,
+        )
+    )
+    assert [e.split(":")[0] for e in errors] == [
+        "notebooks[0].timeoutMinutes",
+        "timeoutMinutes",
+        "compute.environment",
+        "compute.python",
+        "notebooks[0].python",
+    ], errors
+    assert "applies to the local backend only; on azureml" in errors[3]
+
+
+def test_null_means_absent_and_the_schema_key_is_allowed():
+    request = parse_request(
+        body(
+            **{"$schema": "../../schemas/message.schema.json"},
+            timeoutMinutes=None,
+            compute={"backend": None, "experiment": None},
+            repository={"url": "https://h/r", "ref": None},
+        )
+    )
+    assert (request.timeout_minutes, request.compute.experiment, request.ref) == (
+        60,
+        "notebook-ci",
+        "main",
+    )
+    assert "$schema" not in request.to_dict()
+    # An unknown key is reported even when its value is null.
+    (error,) = errors_of(body(compute={"gpus": None}))
+    assert error.startswith("compute.gpus: unknown field")
