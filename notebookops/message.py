@@ -16,7 +16,7 @@ import json
 import keyword
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
@@ -45,6 +45,7 @@ __all__ = [
     "ComputeSpec",
     "NotebookEntry",
     "Repository",
+    "RequestError",
     "RunRequest",
     "Workspace",
     "message_schema",
@@ -63,6 +64,31 @@ FULL_COMMIT_RULE = (
 )
 ERROR_TYPE = "notebookops"  # the pydantic error type of every refusal worded here
 _CONTROL = r"[\x00-\x1f\x7f]"
+
+
+class RequestError(ValueError):
+    """A message that cannot run; ``errors`` holds one line per problem, each naming its field."""
+
+    def __init__(self, errors: Iterable[str] | str) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("; ".join(self.errors))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.errors,))
+
+
+def _validated(model: type[Any], data: Any, where: str) -> Any:
+    """``model`` from its own to_dict(): for values this app wrote, so no value is echoed
+    (request.py words the errors of a message a person wrote)."""
+    try:
+        return model.model_validate(
+            data, by_alias=True, by_name=False, context={"allow_local_repos": True}
+        )
+    except ValidationError as exc:
+        raise RequestError(
+            ".".join([where, *map(str, error["loc"])]).lstrip(".") + ": " + error["msg"]
+            for error in exc.errors(include_url=False)
+        ) from None
 
 
 def refusal(message: str, *, shown: Any = None, show: bool = True, **extra: Any) -> Exception:
@@ -627,9 +653,10 @@ class RunRequest(_Model):
     @classmethod
     def from_dict(cls, data: Any) -> RunRequest:
         """Inverse of to_dict; reads no environment, so orchestrators may call it on replay."""
-        from notebookops.request import request_from_dict
-
-        return request_from_dict(data)
+        request = _validated(cls, data, "")
+        devops = data.get("devops") if isinstance(data, Mapping) else None
+        callback = Callback.from_dict(devops) if devops else None
+        return request.model_copy(update={"devops": None}).with_callback(callback)
 
     def with_callback(self, callback: Callback | None) -> RunRequest:
         out = self.model_copy()
@@ -734,9 +761,8 @@ class Callback(_Model):
 
     @classmethod
     def from_dict(cls, data: Any) -> Callback:
-        from notebookops.request import callback_from_dict
-
-        return callback_from_dict(data)
+        """Inverse of to_dict (the camelCase values of a ``devops`` object)."""
+        return _validated(cls, data, "devops")
 
 
 # --- the published schema -------------------------------------------------------------------

@@ -34,6 +34,7 @@ from notebookops.message import (
     Callback,
     ComputeSpec,
     NotebookEntry,
+    RequestError,
     RunRequest,
     backend_rule,
 )
@@ -50,7 +51,6 @@ __all__ = [
     "NotebookEntry",
     "RequestError",
     "RunRequest",
-    "callback_from_dict",
     "inspect_message",
     "notebook_parameters",
     "parse_request",
@@ -95,17 +95,6 @@ _OPTIONAL_CALLBACK = ("TaskInstanceName", "BuildId")
 _REQUIRED = {"notebooks": "is required: a list of notebook paths or glob patterns"}
 
 
-class RequestError(ValueError):
-    """A message that cannot run; ``errors`` holds one line per problem, each naming its field."""
-
-    def __init__(self, errors: Iterable[str] | str) -> None:
-        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
-        super().__init__("; ".join(self.errors))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.errors,))
-
-
 def notebook_parameters(request: RunRequest, entry: NotebookEntry) -> dict[str, Any]:
     """The parameters papermill injects: the global ones overlaid (not merged) by the entry's."""
     return copy.deepcopy({**request.parameters, **entry.parameters})
@@ -121,17 +110,6 @@ def parse_request(
     """Validate a message; raises RequestError listing every problem found."""
     request, _, errors = inspect_message(
         body, properties=properties, headers=headers, default_backend=default_backend
-    )
-    if errors:
-        raise RequestError(errors)
-    assert request is not None
-    return request
-
-
-def request_from_dict(data: Mapping[str, Any]) -> RunRequest:
-    """Inverse of RunRequest.to_dict; reads no environment, so orchestrators may call it."""
-    request, _, errors = _inspect(
-        data, None, None, default_backend="local", allow_local_repos=True, size_limit=False
     )
     if errors:
         raise RequestError(errors)
@@ -186,18 +164,6 @@ def read_callback(
     callback = _read_callback(properties, devops, headers, problems)
     if problems.items:
         raise RequestError(problems.items)
-    return callback
-
-
-def callback_from_dict(data: Mapping[str, Any]) -> Callback:
-    """Callback.to_dict's inverse: the values of one ``devops`` object, all of them valid."""
-    problems = _Problems(_token_candidates(data))
-    callback = _read_callback(None, data, None, problems)
-    if callback is None and not problems.items:
-        problems.add("devops", "holds none of the callback values")
-    if problems.items:
-        raise RequestError(problems.items)
-    assert callback is not None
     return callback
 
 
