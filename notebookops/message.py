@@ -450,25 +450,11 @@ class _Model(BaseModel):
         return data
 
 
-def _kernel_or_python(model: Any) -> Any:
-    if model.kernel is not None and model.python is not None:
-        raise ValidationError.from_exception_data(
-            type(model).__name__,
-            [
-                InitErrorDetails(
-                    type=refusal(
-                        "cannot be combined with kernel: name a kernelspec or a Python "
-                        "environment, not both"
-                    ),
-                    loc=("python",),
-                    input=model.python,
-                )
-            ],
-        )
-    return model
-
-
-# Both kernel and python given (as strings) is refused; the schema says so the same way.
+# Both kernel and python given (as strings) is refused (request.py checks it beside the other
+# rules on two fields, so it is reported with every other problem).
+KERNEL_OR_PYTHON = (
+    "cannot be combined with kernel: name a kernelspec or a Python environment, not both"
+)
 _ONE_OF_KERNEL_PYTHON = {
     "not": {
         "required": ["kernel", "python"],
@@ -496,10 +482,6 @@ class NotebookEntry(_Model):
     allow_failure: Flag | None = False
     kernel: Kernel | None = Field(None, description="replaces compute.kernel for this entry")
     python: PythonPath | None = Field(None, description="replaces compute.python for this entry")
-
-    @model_validator(mode="after")
-    def _one_of_kernel_python(self) -> Any:
-        return _kernel_or_python(self)
 
     def __repr_args__(self) -> Any:
         from notebookops.redact import redact_mapping
@@ -599,10 +581,6 @@ class ComputeSpec(_Model):
     )
     kernel: Kernel | None = Field(None, description="the Jupyter kernelspec, on every backend")
     python: PythonPath | None = Field(None, description="local backend: a Python environment")
-
-    @model_validator(mode="after")
-    def _one_of_kernel_python(self) -> Any:
-        return _kernel_or_python(self)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -29,6 +29,7 @@ from notebookops.message import (
     BACKENDS,
     ERROR_TYPE,
     FULL_COMMIT_RULE,
+    KERNEL_OR_PYTHON,
     MAX_NOTEBOOKS,
     NOTEBOOK_TAGS,
     Callback,
@@ -374,6 +375,17 @@ def _cross_field_rules(
     """Rules that depend on the backend, which may come from the app's settings; each runs on
     the values that passed their own field's rule."""
     compute = data.get("compute") if isinstance(data.get("compute"), dict) else {}
+    notebooks = data.get("notebooks")
+    entries = [
+        (f"notebooks[{i}]", e)
+        for i, e in enumerate(notebooks[:MAX_NOTEBOOKS] if isinstance(notebooks, list) else [])
+        if isinstance(e, dict)
+    ]
+    for path, obj in [("compute", compute), *entries]:
+        kernel, python = obj.get("kernel"), obj.get("python")
+        both = isinstance(kernel, str) and isinstance(python, str)
+        if both and not failed & {f"{path}.kernel", f"{path}.python"}:
+            problems.add(f"{path}.python", KERNEL_OR_PYTHON, python)
     environment = compute.get("environment")
     if (
         isinstance(environment, str)
@@ -389,12 +401,8 @@ def _cross_field_rules(
     if backend == "local":
         return
     # A Python environment on the host means nothing to a remote backend.
-    notebooks = data.get("notebooks")
-    entries = notebooks if isinstance(notebooks, list) else []
     where = [("compute.python", compute.get("python"))] + [
-        (f"notebooks[{i}].python", e.get("python"))
-        for i, e in enumerate(entries[:MAX_NOTEBOOKS])
-        if isinstance(e, dict)
+        (f"{path}.python", entry.get("python")) for path, entry in entries
     ]
     for path, value in where:
         if isinstance(value, str) and path not in failed:

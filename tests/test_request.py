@@ -722,3 +722,11 @@ def test_null_means_absent_and_the_schema_key_is_allowed():
     # An unknown key is reported even when its value is null.
     (error,) = errors_of(body(compute={"gpus": None}))
     assert error.startswith("compute.gpus: unknown field")
+
+
+def test_kernel_with_python_is_reported_beside_a_bad_path_of_the_same_entry():
+    errors = errors_of(
+        body(notebooks=[{"path": "/abs.ipynb", "kernel": "python3", "python": "/venv"}])
+    )
+    assert [e.split(":")[0] for e in errors] == ["notebooks[0].path", "notebooks[0].python"]
+    assert "cannot be combined with kernel" in errors[1]
