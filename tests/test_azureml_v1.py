@@ -1097,7 +1097,9 @@ def test_wire_a_storage_refusal_is_retried_by_the_sdk_then_named(
     assert sleeps == [2, 4, 16, 256]
     blob = f"GET /azureml/ExperimentRun/dcid.{KEY}/outputs/train.ipynb"
     assert _history_routes(history).count((blob, 403)) == 5
+    # The monitor's fetch_output after status: the refusal is remembered, not waited out again.
     assert wire_backend.fetch_output(handle, tmp_path / "x.ipynb") is None
+    assert _history_routes(history).count((blob, 403)) == 5 and len(sleeps) == 4
 
 
 def test_wire_a_missing_package_is_read_from_the_runs_log(wire_backend, history):

@@ -182,6 +182,7 @@ class AzureMLV1Backend:
         self._work_dir_arg = work_dir
         self._auth = auth
         self._workspaces: dict[common.WorkspaceRef, Any] = {}
+        self._refused: dict[str, str] = {}  # run id -> why its output cannot be downloaded
         self._lock = threading.Lock()
 
     def _workspace(self, ref: common.WorkspaceRef) -> Any:
@@ -460,11 +461,17 @@ class AzureMLV1Backend:
         self, ref: common.WorkspaceRef, run: Any, handle: RunHandle
     ) -> tuple[Path | None, str | None]:
         """(executed notebook, why it cannot be read) of a terminal run. A refused download
-        keeps the run's verdict and says why, once, instead of failing every round."""
+        keeps the run's verdict and says why, once, instead of failing every round; it is
+        remembered, so fetch_output after status does not wait out azureml-core's retries
+        (5 tries, 4.6 minutes of sleeps) a second time."""
+        if handle.run_id in self._refused:
+            return None, self._refused[handle.run_id]
         try:
             return self._download(ref, run, handle), None
         except PermanentBackendError as exc:
-            return None, f"the run ended but its output could not be downloaded: {exc}"
+            why = f"the run ended but its output could not be downloaded: {exc}"
+            self._refused[handle.run_id] = why
+            return None, why
 
     def _missing_packages(self, run: Any, handle: RunHandle) -> str | None:
         """Why a run failed before any cell, when its log says the runner's packages are
