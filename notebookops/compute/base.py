@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from notebookops.contract import Contract, camel
+from notebookops.contract import OMIT_NONE, Contract, camel
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -188,9 +188,10 @@ class PollPolicy(Contract):
     notebookops.run_events) gets `push_interval_seconds` once events are set up: the
     orchestrator then waits for an event or that interval, whichever comes first. Events may be
     lost, late or duplicated, so the interval stays as a safety net and polls stay the truth.
-    While events keep arriving, each run's safety interval doubles from there up to
-    `push_max_interval_seconds` (0: it stays at `push_interval_seconds`); a run found ended
-    without its event brings every run back to the first interval (notebookops.policy).
+    While events are trusted, each run's safety interval grows from there (x4 per safety poll)
+    up to `push_max_interval_seconds` (None: it stays at `push_interval_seconds`); once too
+    many ends came without their event, every run is back at the first interval
+    (notebookops.policy.after_polls).
     """
 
     first_interval_seconds: float
@@ -198,7 +199,8 @@ class PollPolicy(Contract):
     max_interval_seconds: float
     long_poll_seconds: float = 0.0
     push_interval_seconds: float = 0.0
-    push_max_interval_seconds: float = 0.0
+    # None (left out of the JSON, as before this field existed): no growth.
+    push_max_interval_seconds: float | None = field(default=None, metadata=OMIT_NONE)
 
     def __post_init__(self) -> None:
         wrong = {
@@ -206,7 +208,7 @@ class PollPolicy(Contract):
             "factor": self.factor < 1,
             "long_poll_seconds": self.long_poll_seconds < 0,
             "push_interval_seconds": self.push_interval_seconds < 0,
-            "push_max_interval_seconds": self.push_max_interval_seconds < 0,
+            "push_max_interval_seconds": (self.push_max_interval_seconds or 0) < 0,
             "max_interval_seconds": self.max_interval_seconds < self.first_interval_seconds,
         }
         for name, bad in wrong.items():
