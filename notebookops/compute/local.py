@@ -113,7 +113,8 @@ class LocalBackend:
         from notebookops.compute import local_pool
 
         pool = local_pool.prewarm(self.runs_root, min(self.workers, notebooks), kernel_name)
-        if notebooks > 1:  # the runners after the first are forked, with the imports paid
+        # Even one notebook's runner is then forked with its imports paid, while this clones.
+        if notebooks:
             local_forkserver.start(
                 self.runs_root, self._runner_env(), self.runs_root / ".forkserver.log"
             )
