@@ -143,12 +143,16 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
     timer and open event waits: the losing timer is cancelled, and a round polls only the runs
     events named and those whose own safety poll is due (policy.to_poll, policy.after_polls).
     Events that arrived but were not read when a generation ends are carried in the state
-    (`pollFirst`), so the next generation polls their runs first; an event lost anyway (Event
-    Grid's own losses, or an overflow of EVENT_WAITS + 1 in one round) leaves its run to its
-    safety poll."""
+    (`pollFirst`), so the next generation polls their runs first. An event that comes in the
+    same batch as the generation's last step is dropped with it (the SDK cannot preserve it):
+    a backend whose polls cost nothing has every run polled when the next generation starts;
+    elsewhere such an event, like Event Grid's own losses or an overflow of EVENT_WAITS + 1 in
+    one round, leaves its run to its safety poll."""
     policy.mark_ready(state, context.current_utc_datetime)
     waits: list[Task] = []
     named: set[str] = set(state.pop("pollFirst", None) or [])
+    if policy.polls_all_each_generation(state):
+        named |= {n["path"] for n in policy.active(state)}
     for _ in range(ROUNDS_PER_GENERATION):
         now = context.current_utc_datetime
         polled = policy.to_poll(state, named, now) if policy.pushing(state) else None

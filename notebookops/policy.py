@@ -399,6 +399,13 @@ def pushing(state: dict[str, Any]) -> bool:
     return float((state.get("pollPolicy") or {}).get("pushIntervalSeconds") or 0) > 0
 
 
+def polls_all_each_generation(state: dict[str, Any]) -> bool:
+    """With events, a generation starts by polling every run (PollPolicy: status reads that
+    cost nothing, local)."""
+    policy = state.get("pollPolicy") or {}
+    return pushing(state) and bool(policy.get("pollAllEachGeneration"))
+
+
 def paths_of_runs(state: dict[str, Any], events: list[Any]) -> set[str]:
     """The active notebooks whose runs the events name (unknown or finished runs: none).
 

@@ -138,7 +138,9 @@ def policy_for(backend: Any, send_event_url: str | None) -> PollPolicy:
         if not send_event_url:
             return policy
         seconds = float(getattr(backend, "safety_poll_seconds", DEFAULT_SAFETY_POLL_SECONDS))
-        return with_push(policy, (seconds, seconds))
+        # Its status reads are file reads: each generation may start by reading them all.
+        pushed = with_push(policy, (seconds, seconds))
+        return dataclasses.replace(pushed, poll_all_each_generation=True)
     return with_push(policy) if events_enabled() else policy
 
 

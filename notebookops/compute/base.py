@@ -201,6 +201,10 @@ class PollPolicy(Contract):
     push_interval_seconds: float = 0.0
     # None (left out of the JSON, as before this field existed): no growth.
     push_max_interval_seconds: float | None = field(default=None, metadata=OMIT_NONE)
+    # With events: poll every run when a continue_as_new generation starts, because an event
+    # that arrives in the same batch as the generation's last step is dropped with it. For a
+    # backend whose status reads cost nothing (local); others leave it to the safety polls.
+    poll_all_each_generation: bool | None = field(default=None, metadata=OMIT_NONE)
 
     def __post_init__(self) -> None:
         wrong = {
