@@ -9,6 +9,7 @@ ROUNDS_PER_GENERATION rounds, carrying the run state in its input.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator
 from typing import Any
 
@@ -16,6 +17,15 @@ import azure.durable_functions as df
 
 from notebookops import policy, run_events
 from notebookops.devops import delivery
+
+# A run event that arrives while no wait for it is open is kept by the SDK (deferred_tasks) and
+# given to the next wait, which is what the rounds expect; the SDK still warns "Potential
+# duplicate Task completion" on every such event, which `notebookops run` printed to the user.
+warnings.filterwarnings(
+    "ignore",
+    message=f"Potential duplicate Task completion for TaskId: {run_events.EVENT_NAME}$",
+    category=UserWarning,
+)
 
 ROUNDS_PER_GENERATION = 10
 # Transient activity errors (network, throttling) are retried by the host; permanent ones

@@ -476,3 +476,22 @@ def test_runners_started_both_ways_announce_their_start_and_end(tmp_path, monkey
     for path in Path(runs).rglob("*"):
         if path.is_file() and not path.is_socket():
             assert SYSTEM_KEY.encode() not in path.read_bytes(), path
+
+
+def test_the_sdks_warning_for_an_event_kept_for_the_next_wait_is_not_shown_to_users():
+    """`notebookops run` printed azure-functions-durable's "Potential duplicate Task completion"
+    for every run event that arrived between two waits (kept and delivered, not a duplicate);
+    the filter is narrow: the same warning for any other task still shows."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, notebookops.orchestration\n"
+        "warnings.warn('Potential duplicate Task completion for TaskId: runStatusChanged')\n"
+        "warnings.warn('Potential duplicate Task completion for TaskId: 7')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "TaskId: runStatusChanged" not in proc.stderr
+    assert "TaskId: 7" in proc.stderr
