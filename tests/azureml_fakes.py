@@ -359,17 +359,15 @@ class _Transport:
         return Transport()
 
 
-def _send(service: FakeAzureML, request: Any) -> Any:
-    import requests
-    from azure.core.pipeline.transport._requests_basic import RequestsTransportResponse
-
+def _recorded(request: Any) -> Recorded:
+    """A request as it left the SDK (azure-core's or requests'), its body read as bytes."""
     body = request.body if request.body is not None else b""
     if hasattr(body, "read"):
         body = body.read()
     if isinstance(body, str):
         body = body.encode()
     parts = urlsplit(request.url)
-    rec = Recorded(
+    return Recorded(
         method=request.method,
         url=request.url,
         path=unquote(parts.path),
@@ -377,18 +375,34 @@ def _send(service: FakeAzureML, request: Any) -> Any:
         headers=dict(request.headers),
         body=bytes(body),
     )
-    rec.host_path = parts.netloc + parts.path  # matched raw: %3A stays visible
-    status, headers, payload = service.handle(rec)
-    rec.status = status
+
+
+def _requests_response(
+    request: Any, status: int, headers: dict[str, str], payload: bytes, reason: str
+) -> Any:
+    """A `requests.Response` as the wire would have produced it."""
+    import requests
+
     response = requests.Response()
     response.status_code = status
     response._content = payload
     response.raw = io.BytesIO(payload)
     response.headers.update(headers)
     response.url = request.url
-    response.reason = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content"}.get(
-        status, "Error"
-    )
+    response.reason = reason
+    return response
+
+
+def _send(service: FakeAzureML, request: Any) -> Any:
+    from azure.core.pipeline.transport._requests_basic import RequestsTransportResponse
+
+    rec = _recorded(request)
+    parts = urlsplit(request.url)
+    rec.host_path = parts.netloc + parts.path  # matched raw: %3A stays visible
+    status, headers, payload = service.handle(rec)
+    rec.status = status
+    reason = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content"}.get(status, "Error")
+    response = _requests_response(request, status, headers, payload, reason)
     from azure.core.pipeline._tools import is_rest as _is_rest  # as RequestsTransport decides
 
     if _is_rest(request):
@@ -1187,33 +1201,18 @@ class FakeRunHistory:
         )
 
     def _send(self, request: Any) -> Any:
-        import requests
 
-        body = request.body or b""
-        if isinstance(body, str):
-            body = body.encode()
+        rec = _recorded(request)
         parts = urlsplit(request.url)
-        rec = Recorded(
-            method=request.method,
-            url=request.url,
-            path=unquote(parts.path),
-            query=parse_qs(parts.query),
-            headers=dict(request.headers),
-            body=bytes(body) if not hasattr(body, "read") else body.read(),
-        )
         rec.host_path = parts.netloc + unquote(parts.path)
         with self._lock:
             self.requests.append(rec)
             status, headers, payload = self._answer(rec)
         rec.status = status
-        response = requests.Response()
-        response.status_code = status
-        response._content = payload
-        response.raw = io.BytesIO(payload)
-        response.headers.update(headers)
-        response.url = request.url
+        response = _requests_response(
+            request, status, headers, payload, "OK" if status < 400 else "Error"
+        )
         response.request = request
-        response.reason = "OK" if status < 400 else "Error"
         return response
 
     def _answer(self, rec: Recorded) -> tuple[int, dict[str, str], bytes]:
