@@ -115,17 +115,23 @@ class RunFiles:
         write_json_atomic(self.runner_json, {"pid": pid, "createTime": _create_time(pid)})
 
     def runner_pid(self) -> int | None:
+        return self._runner_record()[0]
+
+    def _runner_record(self) -> tuple[int | None, float | None]:
+        """The runner's pid and start time as submit recorded them (None when absent)."""
         try:
-            return int(read_json(self.runner_json)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            record = read_json(self.runner_json)
+            created = record.get("createTime")
+            return int(record["pid"]), None if created is None else float(created)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, None
 
     def record_kernel(self, pid: int) -> None:
         write_json_atomic(self.kernel_json, {"pid": pid, "createTime": _create_time(pid)})
 
     def runner_alive(self) -> bool:
         """Is the runner that submit started still running (and not a recycled pid)?"""
-        pid = self.runner_pid()
+        pid, created = self._runner_record()
         if pid is None:
             return False
         import psutil
@@ -136,9 +142,8 @@ class RunFiles:
                 return False
             # A recycled pid has another start time. A runner forked by the fork server has the
             # server's command line; one started on its own names its run folder there.
-            created = (read_json(self.runner_json) or {}).get("createTime")
             if created is not None:
-                return abs(process.create_time() - float(created)) < 0.05
+                return abs(process.create_time() - created) < 0.05
             return str(self.run_dir) in process.cmdline()
         except psutil.NoSuchProcess:
             return False
