@@ -40,6 +40,8 @@ Task = Any
 def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any, dict[str, Any]]:
     payload = context.get_input() or {}
     state = payload.get("state")
+    if state is not None:
+        state = policy.unpack(state)
     reported = False
     try:
         if state is None:
@@ -204,7 +206,7 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
         # The last race's events, and those that came while its round ran.
         arrived, waits = _read_events(context, state, waits)
         state["pollFirst"] = sorted(named | arrived)
-    context.continue_as_new({"state": state})
+    context.continue_as_new({"state": policy.pack(state)})
     return False
 
 
@@ -240,10 +242,9 @@ def _monitor(
     only: set[str] | None = None,
 ) -> Generator:
     stopping = {s["path"] for s in stops}
+    wait = wait if poll and not stops else 0.0
     runs = [
-        # The state last seen lets a long-polling monitor return at once for a run that
-        # changed while this round was being scheduled.
-        {"path": n["path"], "handle": n["handle"], "seen": n["state"]}
+        policy.watch(n, wait > 0)
         for n in policy.active(state)
         if poll and n["path"] not in stopping and (only is None or n["path"] in only)
     ]
@@ -261,7 +262,7 @@ def _monitor(
             # Where the committed notebooks are, to number failing cells against them.
             "checkout": state.get("checkout"),
             "checkPipeline": check,
-            "waitSeconds": wait if poll and not stops else 0.0,
+            "waitSeconds": wait,
             **_callback(state),
         },
     )
@@ -430,7 +431,7 @@ def _deliver(
     attempts = 0
     while not record["done"]:
         if attempts >= limit:
-            context.continue_as_new({"state": state})
+            context.continue_as_new({"state": policy.pack(state)})
             return False
         wake = delivery.next_attempt_at(record)
         if wake is not None and wake > context.current_utc_datetime:

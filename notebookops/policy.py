@@ -8,7 +8,8 @@ decisions on replay, and each rule can be tested on its own.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from notebookops.compute.base import TERMINAL_STATES, parse_iso
@@ -31,8 +32,17 @@ def iso(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@lru_cache(maxsize=8192)
 def parse(ts: str) -> datetime:
+    """A time the state holds (iso()). Cached: every replay of a generation reads the same
+    deadlines and stamps again, round after round (a pure function, so replay stays exact)."""
     return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def utc(now: datetime) -> datetime:
+    """`now` with the standard library's UTC: the SDK's times carry dateutil zones (tzlocal on a
+    UTC machine), and every comparison with one of those calls its Python utcoffset()."""
+    return now if now.tzinfo is UTC else now.astimezone(UTC)
 
 
 def new_state(
@@ -103,6 +113,37 @@ def _new_notebook(path: str, entry_index: int, entry: dict[str, Any]) -> dict[st
     }
 
 
+# A notebook's fields while they hold their initial value (_new_notebook): left out of the
+# state a generation hands to the next (pack), put back when a generation starts (unpack).
+_NOTEBOOK_DEFAULTS = {
+    k: v for k, v in _new_notebook("", 0, {}).items() if k not in ("path", "entryIndex", "state")
+}
+
+
+def pack(state: dict[str, Any]) -> dict[str, Any]:
+    """The state as continue_as_new carries it: the next generation's input, which every replay
+    of that generation parses again. A notebook's fields that still hold their initial value
+    stay out, and so does a finished notebook's handle (nothing reads it once the run ended)."""
+    notebooks = []
+    for notebook in state["notebooks"]:
+        kept = {
+            k: v
+            for k, v in notebook.items()
+            if k not in _NOTEBOOK_DEFAULTS or v != _NOTEBOOK_DEFAULTS[k]
+        }
+        if notebook["state"] in TERMINAL_STATES:
+            kept.pop("handle", None)
+        notebooks.append(kept)
+    return {**state, "notebooks": notebooks}
+
+
+def unpack(state: dict[str, Any]) -> dict[str, Any]:
+    """A generation's state as the rules read it: every notebook field present. A state that a
+    version without pack() carried (every field already there) reads the same."""
+    state["notebooks"] = [{**_NOTEBOOK_DEFAULTS, **n} for n in state["notebooks"]]
+    return state
+
+
 def add_unrun(state: dict[str, Any], why: str) -> None:
     """A run that failed before its notebooks were resolved (the clone) still reports what
     the message named: the commit it asked for, and each notebook path that is not a pattern,
@@ -167,6 +208,21 @@ def active(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [n for n in state["notebooks"] if n["state"] in ACTIVE_STATES]
 
 
+def watch(notebook: dict[str, Any], waiting: bool) -> dict[str, Any]:
+    """A run as ActivityMonitor's input names it. Every replay of a generation serializes each
+    of its rounds' inputs again, so only what the monitor uses goes: the handle without its
+    portal link (for people; no backend reads it back), and the state last seen only for a
+    long poll, which returns at once for a run that changed while the round was scheduled."""
+    handle = notebook["handle"]
+    run: dict[str, Any] = {
+        "path": notebook["path"],
+        "handle": {k: v for k, v in handle.items() if k != "portalUrl"},
+    }
+    if waiting:
+        run["seen"] = notebook["state"]
+    return run
+
+
 def pending(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [n for n in state["notebooks"] if n["state"] == PENDING]
 
@@ -224,7 +280,8 @@ def mark_submitted(notebook: dict[str, Any], result: dict[str, Any], now: dateti
     handle = result["handle"]
     notebook.update(
         state="queued",
-        handle=handle,
+        # The portal link is kept once, beside it: the handle travels in every monitor input.
+        handle={k: v for k, v in handle.items() if k != "portalUrl"},
         runId=handle.get("runId"),
         portalUrl=handle.get("portalUrl"),
         submittedAt=iso(now),
@@ -295,6 +352,7 @@ def cancellations(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     - A notebook's own deadline exists only once it runs (mark_running), so queue time
       cannot time it out.
     Notebooks never submitted end at once (they have no run to cancel)."""
+    now = utc(now)
     run_deadline = parse(state["deadline"])
     run_minutes = _minutes(float(state["request"].get("timeoutMinutes", 60)))
     stops: list[dict[str, Any]] = []
@@ -333,6 +391,7 @@ def cancellations(state: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
 
 
 def apply_monitor(state: dict[str, Any], results: list[dict[str, Any]], now: datetime) -> None:
+    now = utc(now)
     by_path = {n["path"]: n for n in state["notebooks"]}
     for result in results:
         notebook = by_path.get(result["path"])
@@ -426,6 +485,7 @@ def paths_of_runs(state: dict[str, Any], events: list[Any]) -> set[str]:
 def next_wake(state: dict[str, Any], now: datetime) -> datetime:
     """Back off between rounds, but never sleep past the nearest deadline. With run events the
     wait lasts until the earliest run's safety poll (see schedule_safety)."""
+    now = utc(now)
     policy = state.get("pollPolicy") or DEFAULT_POLL
     if pushing(state):
         schedule_safety(state, now)
@@ -479,6 +539,7 @@ SAFETY_SLACK_MAX = 30.0
 def to_poll(state: dict[str, Any], named: set[str], now: datetime) -> set[str]:
     """With run events, a round polls the runs events named and those whose safety poll is
     due (or nearly: _slack), nothing else."""
+    now = utc(now)
     schedule_safety(state, now)
     return {
         n["path"]
@@ -522,6 +583,7 @@ def after_polls(state: dict[str, Any], polled: set[str], named: set[str], now: d
       falls back to the first interval when they are not. So a run whose end is never
       announced is seen at most the cap after it ended, and at most the first interval once
       the instance's events have proven unreliable."""
+    now = utc(now)
     first, cap = _safety_bounds(state)
     by_path = {n["path"]: n for n in state["notebooks"]}
     announced = [
@@ -552,6 +614,7 @@ def long_polling(state: dict[str, Any]) -> bool:
 def long_poll_wait(state: dict[str, Any], now: datetime) -> float:
     """How long the next monitor round may wait for a change: the backend's long poll, but
     never past the nearest deadline (0 when there is nothing to wait for)."""
+    now = utc(now)
     limit = float((state.get("pollPolicy") or {}).get("longPollSeconds") or 0)
     if limit <= 0 or not active(state):
         return 0.0

@@ -514,3 +514,80 @@ def test_a_backends_start_time_is_trusted_only_between_submission_and_observatio
     assert started("2026-01-02T00:00:00Z")["startedAt"] == "2026-01-01T12:30:00.000000Z"
     assert started("not a time")["startedAt"] == "2026-01-01T12:30:00.000000Z"
     assert started(None)["startedAt"] == "2026-01-01T12:30:00.000000Z"
+
+
+def test_each_generation_carries_a_small_state_and_each_round_a_small_monitor_input(flow_env):
+    """Every replay of a generation parses its input and re-serializes every activity input
+    of its rounds (benchmark 2 measures that CPU), so what travels holds what is used: a
+    finished notebook's handle and fields still at their initial value stay out of the
+    state continue_as_new carries, and a monitor input names each run by its handle without
+    the portal link; the summary still has everything."""
+    from devhost.events import TASK_SCHEDULED
+
+    files = {"nb/quick.ipynb": fake_notebook(polls=2), "nb/long.ipynb": fake_notebook(polls=25)}
+    repo = make_repo(flow_env / "r5", files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=10080)
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body)
+        status = host.wait_for(instance, 60)
+        history = host.history(instance)  # the last generation's
+    started = next(e for e in history if e["EventType"] == EXECUTION_STARTED)
+    monitor_inputs = [
+        json.loads(e["Input"])
+        for e in history
+        if e["EventType"] == TASK_SCHEDULED and e["Name"] == "ActivityMonitor"
+    ]
+    assert status["output"]["result"] == "succeeded"
+    assert started["Generation"] >= 1
+    payload = json.loads(started["Input"])
+    by_path = {n["path"]: n for n in payload["state"]["notebooks"]}
+    quick, long = by_path["nb/quick.ipynb"], by_path["nb/long.ipynb"]
+    assert quick["state"] == "succeeded" and "handle" not in quick
+    assert long["state"] == "running" and "portalUrl" not in long["handle"]
+    assert not [k for n in by_path.values() for k, v in n.items() if v is None or v == []]
+    runs = [r for i in monitor_inputs for r in i["runs"]]
+    assert runs and all(set(r) == {"path", "handle"} for r in runs)  # no long poll: no "seen"
+    assert all("portalUrl" not in r["handle"] for r in runs)
+    summary = {n["path"]: n for n in status["output"]["notebooks"]}
+    for path in files:
+        assert summary[path]["portalUrl"] == f"https://fake/{summary[path]['runId']}"
+        assert summary[path]["error"] is None and summary[path]["message"] is None
+        assert summary[path]["outputNotebook"]
+
+
+def test_a_state_carried_by_an_older_version_reads_the_same():
+    """A generation started by a version that carried every field (no pack) goes on as one
+    carried by this version: unpack fills what pack left out, and nothing else."""
+    from datetime import UTC, datetime
+
+    from notebookops import policy
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    state = policy.new_state(
+        instance_id="i1", request={"notebooks": ["a.ipynb", "b.ipynb"]}, auth=None, started_at=now
+    )
+    policy.add_notebooks(
+        state,
+        {
+            "commit": "c" * 40,
+            "checkout": "/c",
+            "notebooks": [
+                {"path": "a.ipynb", "entryIndex": 0},
+                {"path": "b.ipynb", "entryIndex": 1},
+            ],
+        },
+    )
+    handle = {"backend": "fake", "runId": "r-a", "portalUrl": "https://fake/r-a", "data": {}}
+    for entry in state["notebooks"]:
+        policy.mark_submitted(entry, {"ok": True, "handle": {**handle}}, now)
+    policy.apply_monitor(state, [{"path": "a.ipynb", "state": "succeeded"}], now)
+    old = json.loads(json.dumps(state))  # what a version without pack() carried
+    assert policy.unpack(json.loads(json.dumps(old))) == old
+    packed = json.loads(json.dumps(policy.pack(state)))
+    assert len(json.dumps(packed)) < 0.8 * len(json.dumps(old))
+    again = policy.unpack(packed)
+    assert again["notebooks"][0]["handle"] is None  # finished: its handle is not carried
+    assert {**again["notebooks"][0], "handle": old["notebooks"][0]["handle"]} == old["notebooks"][0]
+    assert again["notebooks"][1] == old["notebooks"][1]
+    assert policy.summary(again, now) == policy.summary(old, now)
+    assert policy.cancellations(again, now) == policy.cancellations(old, now) == []
