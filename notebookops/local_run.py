@@ -171,6 +171,11 @@ def run(
             shutil.rmtree(state_dir, ignore_errors=True)
         return EXIT_INVALID
     pool = _prewarm(request)
+    # The monitor renders every backend's finished notebooks here: start the render worker
+    # now, while the app starts and clones.
+    from notebookops import render
+
+    render.prewarm()
     # With --state the same command finds the same instance again (resume); without it the
     # state is thrown away, so a fresh id is as good as any.
     message_id = resume_message_id(body, properties, state_dir) if state else uuid.uuid4().hex

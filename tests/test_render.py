@@ -233,13 +233,3 @@ def test_the_rendering_is_attached_beside_the_notebook_in_the_tests_tab(failing_
     assert 'id="notebookops-summary"' in results["nb/failing.ipynb"][1]["content"]
     # No rendering beside it: the notebook alone, as before.
     assert [a["fileName"] for a in results["nb/bare.ipynb"]] == ["bare.ipynb"]
-
-
-def test_prewarm_builds_the_exporter_once_in_the_background():
-    from notebookops import render
-
-    render.prewarm()
-    render.prewarm()  # a second submit starts nothing more
-    assert len(render._warming) == 1
-    render._warming[0].join(timeout=120)
-    assert render._exporter.cache_info().currsize == 1
