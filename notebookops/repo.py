@@ -17,13 +17,13 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import git
 import nbformat
 
 from notebookops.gitauth import GitAuth, scrub, strip_credentials, url_userinfo_secrets
@@ -120,26 +120,64 @@ def _git_env(remote: _Remote) -> dict[str, str]:
 
 def _run_git(args: Sequence[str], cwd: Path, remote: _Remote, what: str) -> str:
     """Run one git command; failures become RepoError with scrubbed, classified text."""
-    command = ["git", *args]
+    return _git(args, cwd, _git_env(remote), remote.timeout, remote, what).removesuffix("\n")
+
+
+def _git(
+    args: Sequence[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    remote: _Remote | None,
+    what: str,
+) -> str:
+    """git's stdout (undecodable bytes kept as surrogates, as paths need). A command that
+    outlives `timeout` is killed with the helpers it started (git-remote-https, ssh)."""
+    # The C locale: the failure markers below are git's English messages.
+    env = {**os.environ, **env, "LANGUAGE": "C", "LC_ALL": "C"}
     try:
-        return git.Git(str(cwd)).execute(
-            command, env=_git_env(remote), kill_after_timeout=remote.timeout
+        process = subprocess.Popen(
+            ["git", *args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-    except git.GitCommandNotFound:
+    except FileNotFoundError as exc:
+        if exc.filename != "git":
+            raise
         raise RepoError("git is not installed or not on PATH", permanent=False) from None
-    except git.GitCommandError as exc:
-        stderr = exc.stderr if isinstance(exc.stderr, str) else str(exc.stderr or "")
-        raise _classify(stderr, remote, what) from None
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(process)
+        process.communicate()
+        where = f" of {remote.safe_url}" if remote else ""
+        raise RepoError(f"{what}{where} timed out after {timeout:g} s", permanent=False) from None
+    if process.returncode:
+        stderr = err.decode("utf-8", "replace")
+        if remote is None:
+            raise RepoError(f"{what} failed: {' '.join(stderr.split())}", permanent=False)
+        raise _classify(stderr, remote, what)
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _kill_tree(process: subprocess.Popen[bytes]) -> None:
+    import psutil
+
+    try:
+        helpers = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        helpers = []
+    for victim in (process, *helpers):
+        with contextlib.suppress(OSError, psutil.Error):
+            victim.kill()
 
 
 def _classify(stderr: str, remote: _Remote, what: str) -> RepoError:
-    detail = scrub(" ".join(stderr.split()), remote.secrets)
-    detail = detail.removeprefix("stderr: ").strip("'").strip()
+    detail = scrub(" ".join(stderr.split()), remote.secrets).strip("'").strip()
     lowered = detail.lower()
-    if lowered.startswith("timeout:"):
-        return RepoError(
-            f"{what} of {remote.safe_url} timed out after {remote.timeout:g} s", permanent=False
-        )
     if any(marker in lowered for marker in _AUTH_FAILURE):
         return RepoError(
             f"authentication to {remote.safe_url} failed during {what}: {detail}", permanent=True
@@ -454,16 +492,22 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 def _tracked_files(checkout: Path, commit: str) -> dict[str, int]:
     """Tracked blob path -> git file mode at ``commit`` (symlinks included, submodules not)."""
-    repo = git.Repo(checkout)
-    try:
-        tree = repo.commit(commit).tree
-        return {
-            item.path: item.mode
-            for item in tree.traverse()
-            if isinstance(item, git.Blob)  # type: ignore[union-attr]
-        }
-    finally:
-        repo.close()
+    listing = _git(
+        ["ls-tree", "-r", "-z", "--full-tree", commit],
+        checkout,
+        {"GIT_TERMINAL_PROMPT": "0"},
+        _git_timeout(),
+        None,
+        f"listing the files of commit {commit[:7]}",
+    )
+    tracked = {}
+    for entry in listing.split("\0"):
+        # "<mode> <type> <object>\t<path>"; a submodule's type is "commit".
+        info, tab, path = entry.partition("\t")
+        fields = info.split()
+        if tab and len(fields) == 3 and fields[1] == "blob":
+            tracked[path] = int(fields[0], 8)
+    return tracked
 
 
 def _expand(

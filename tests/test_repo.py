@@ -525,6 +525,24 @@ def test_a_silent_server_is_a_transient_timeout(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(RepoError, match=r"resolving ref 'main' of .* timed out after 1 s") as e:
             resolve_and_checkout(url, "main", None, ["a.ipynb"])
     assert e.value.permanent is False
+    # git and the transport helper it started (git-remote-http) were killed, not left behind.
+    import psutil
+
+    left = [p.name() for p in psutil.Process().children(recursive=True) if "git" in p.name()]
+    assert left == []
+
+
+def test_tracked_files_with_odd_names_are_found_and_submodules_are_not(tmp_path: Path) -> None:
+    odd = ["nb/ünïcødé name.ipynb", "nb/tab\there.ipynb", 'nb/quote"and\\back.ipynb']
+    src = make_repo(tmp_path / "src", {name: notebook("x = 1") for name in odd})
+    # A submodule (a gitlink) named like a notebook: not a file of this repository.
+    _git(src, "update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},nb/sub.ipynb")
+    _git(src, "commit", "--quiet", "-m", "gitlink")
+    result = resolve_and_checkout(file_url(src), "main", None, ["nb/*.ipynb"])
+    assert _paths(result) == sorted(odd)
+    assert all(nb.problem is None for nb in result.notebooks)
+    named = resolve_and_checkout(file_url(src), "main", None, ["nb/sub.ipynb"])
+    assert [nb.problem_type for nb in named.notebooks] == ["NotebookNotFound"]
 
 
 def test_missing_repository_is_permanent(tmp_path: Path) -> None:
