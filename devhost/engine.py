@@ -661,6 +661,12 @@ class Engine:
         """The raw events of the instance's current execution, as sent to the SDK."""
         return self.store.history(instance_id)
 
+    def wait_changed(self, timeout: float) -> None:
+        """Block until some instance changes (a committed episode, a start, a termination) or
+        `timeout` passes, whichever is first: a follower's poll without the poll's delay."""
+        with self._changed:
+            self._changed.wait(timeout=timeout)
+
     def wait_for(self, instance_id: str, timeout: float = 60.0) -> dict:
         """Block until the instance is terminal; return its status (with output)."""
         deadline = time.monotonic() + timeout

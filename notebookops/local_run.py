@@ -377,7 +377,9 @@ def _follow(host: Any, instance_id: str, progress: Progress) -> dict[str, Any]:
             progress.update(status.get("customStatus"))
             if status["runtimeStatus"] in TERMINAL:
                 return status
-        time.sleep(0.1)
+        # Woken by the next change (its progress line shows at once), and polled anyway: a
+        # change committed between the read above and this wait is seen 0.1 s later.
+        host.wait_changed(0.1)
 
 
 def keep_what_is_known(summary: dict[str, Any], request: Any) -> None:

@@ -183,6 +183,32 @@ def test_terminate_stops_the_instance_and_keeps_the_reason(real_host):
     assert status["output"] == "no longer needed"
 
 
+def test_a_follower_is_woken_by_the_next_change_not_its_timeout(real_host):
+    import threading
+    import time
+
+    host = real_host
+    instance = host.start_new("Status")
+    _wait_status(host, instance, lambda s: (s.get("customStatus") or {}).get("stage") == "waiting")
+    woken = []
+
+    def follow() -> None:
+        started = time.monotonic()
+        host.wait_changed(30)
+        woken.append(time.monotonic() - started)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    time.sleep(0.2)  # the follower is waiting
+    host.raise_event(instance, "Go", "null")
+    follower.join(timeout=30)
+    assert woken and woken[0] < 10, woken
+    assert host.wait_for(instance, 10)["customStatus"] == {"stage": "done"}
+    started = time.monotonic()
+    host.wait_changed(0.2)  # nothing changes any more: the timeout ends the wait
+    assert time.monotonic() - started >= 0.19
+
+
 def test_instance_survives_a_host_restart(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMPLE_EFFECTS", str(tmp_path / "effects.txt"))
     with Host(SAMPLE_APP, tmp_path / "state", clock="virtual") as first:
