@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 
-from notebookops.compute import get_backend, local_pool
+from notebookops.compute import get_backend, local_kernelserver, local_pool
 from tests.test_compute_local import (
     finish,
     make_spec,
@@ -107,15 +108,29 @@ def test_a_prewarmed_kernel_runs_exactly_one_notebook_in_its_folder(
     assert not list((runs_dir / local_pool.POOL_DIR).glob("*.connection"))
 
 
+def _parent_module(pid: int) -> str:
+    cmdline = psutil.Process(pid).parent().cmdline()
+    return cmdline[cmdline.index("-m") + 1]
+
+
 @pytest.mark.slow
-def test_kernels_nobody_claims_expire_or_are_withdrawn(runs_dir, tmp_path):
-    local_pool.prewarm(runs_dir, 1, idle_seconds=1.0)
+@pytest.mark.parametrize(
+    "prewarm, parent",
+    [
+        (local_pool.prewarm, local_pool.POOL_MODULE),
+        (local_kernelserver.prewarm, local_kernelserver.MODULE),
+    ],
+    ids=["pool processes", "kernel server"],
+)
+def test_kernels_nobody_claims_expire_or_are_withdrawn(runs_dir, tmp_path, prewarm, parent):
+    prewarm(runs_dir, 1, idle_seconds=1.0)
     [expiring] = offered(runs_dir, 1)
+    assert _parent_module(expiring["pid"]) == parent
     wait_for(lambda: not alive(expiring["pid"]), 30, "the idle kernel to stop")
     pool_dir = runs_dir / local_pool.POOL_DIR
     wait_for(lambda: not list(pool_dir.glob("*.json")), 10, "the offer to go")
 
-    pool = local_pool.prewarm(runs_dir, 2, idle_seconds=600)
+    pool = prewarm(runs_dir, 2, idle_seconds=600)
     records = offered(runs_dir, 2)
     pool.withdraw()
     for record in records:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from notebookops.compute import local_forkserver
+from notebookops.compute import local_forkserver, local_kernelserver
 from notebookops.compute.base import (
     CANCELED,
     FAILED,
@@ -110,14 +110,13 @@ class LocalBackend:
     def prewarm(self, notebooks: int, kernel_name: str = "python3") -> Any:
         """Start a kernel per worker slot (at most one per notebook) now, before the clone, so
         the first notebooks do not wait for a kernel start; returns the local_pool.Pool."""
-        from notebookops.compute import local_pool
-
-        pool = local_pool.prewarm(self.runs_root, min(self.workers, notebooks), kernel_name)
+        # The pool's kernels come from the runs root's kernel server, started here if need be.
+        count = min(self.workers, notebooks)
+        pool = local_kernelserver.prewarm(self.runs_root, count, kernel_name)
         # Even one notebook's runner is then forked with its imports paid, while this clones.
         if notebooks:
-            local_forkserver.start(
-                self.runs_root, self._runner_env(), self.runs_root / ".forkserver.log"
-            )
+            env = self._runner_env()
+            local_forkserver.start(self.runs_root, env, self.runs_root / ".forkserver.log")
         return pool
 
     # -- submit -------------------------------------------------------------------------------
@@ -197,6 +196,7 @@ class LocalBackend:
         if files.runner_pid() is not None:  # forked, but the server's answer was lost
             return
         local_forkserver.start(self.runs_root, env, self.runs_root / ".forkserver.log")
+        local_kernelserver.start(self.runs_root, env, self.runs_root / ".kernelserver.log")
         with open(files.log, "ab") as log:
             # The runner forks and this first process exits at once, so this waits milliseconds.
             result = subprocess.run(

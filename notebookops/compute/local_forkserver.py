@@ -25,33 +25,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from notebookops.compute.local_socket import code_key, peer_uid, read_line
+
 MODULE = "notebookops.compute.local_forkserver"
 IDLE_SECONDS = 20.0
 CONNECT_TIMEOUT_SECONDS = 10.0
-_PACKAGE = Path(__file__).resolve().parents[1]
-_PACKAGE_ROOT = str(_PACKAGE.parent)
 
 
 def key(env: dict[str, str]) -> str:
     """Which server may fork for this submitter: same interpreter, same code, same import path."""
-    stamps = sorted(
-        (str(p.relative_to(_PACKAGE)), p.stat().st_mtime_ns) for p in _PACKAGE.rglob("*.py")
-    )
-    material = json.dumps(
-        [sys.executable, _PACKAGE_ROOT, env.get("PYTHONPATH", ""), stamps], sort_keys=True
-    )
-    return hashlib.sha256(material.encode()).hexdigest()[:16]
+    return code_key(env)
 
 
 def socket_path(runs_root: Path, server_key: str) -> Path:
@@ -72,7 +64,7 @@ def request(
             conn.connect(str(path))
             ask = {"runDir": str(run_dir), "env": env, "sendEventUrl": send_event_url}
             conn.sendall(json.dumps(ask).encode() + b"\n")
-            answer = _read_line(conn)
+            answer = read_line(conn)
         return bool(json.loads(answer or b"{}").get("pid"))
     except (OSError, ValueError):
         return False
@@ -92,16 +84,6 @@ def start(runs_root: Path, env: dict[str, str], log: Path) -> None:
         )
 
 
-def _read_line(conn: socket.socket, limit: int = 1 << 20) -> bytes:
-    data = b""
-    while not data.endswith(b"\n") and len(data) < limit:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def _preload() -> None:
     from notebookops.compute import local_runner
 
@@ -111,11 +93,6 @@ def _preload() -> None:
     # papermill validates every notebook it reads and writes; the validator is compiled on
     # first use, so compile it here once rather than in every runner.
     nbformat.validate(nbformat.v4.new_notebook())
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
 
 
 def _fork_runner(
@@ -187,9 +164,9 @@ def serve(runs_root: Path, server_key: str) -> int:
 def _answer(conn: socket.socket) -> None:
     conn.settimeout(CONNECT_TIMEOUT_SECONDS)
     try:
-        if _peer_uid(conn) != os.getuid():
+        if peer_uid(conn) != os.getuid():
             return
-        ask: Any = json.loads(_read_line(conn) or b"{}")
+        ask: Any = json.loads(read_line(conn) or b"{}")
         run_dir, env = Path(ask["runDir"]), ask["env"]
         if not isinstance(env, dict) or not (run_dir / "run.json").is_file():
             return

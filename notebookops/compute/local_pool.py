@@ -70,13 +70,25 @@ class Pool:
 def prewarm(
     runs_root: Path, count: int, kernel_name: str = "python3", idle_seconds: float = IDLE_SECONDS
 ) -> Pool:
-    """Start `count` pool kernels for runs under `runs_root`; returns in milliseconds."""
+    """Start `count` pool kernels for runs under `runs_root`, one pool process each; returns
+    in milliseconds. (local_kernelserver.prewarm forks them instead, where it can.)"""
     pool = Path(runs_root) / POOL_DIR
-    pool.mkdir(parents=True, exist_ok=True)
+    start_processes(pool, count, kernel_name, idle_seconds)
+    return Pool(pool)
+
+
+def _kernel_env() -> dict[str, str]:
+    """The same environment a runner gives its kernel (local.py puts the package on the path)."""
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
-    # The same environment a runner gives its kernel (local.py puts the package on the path).
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def start_processes(pool: Path, count: int, kernel_name: str, idle_seconds: float) -> None:
+    """One detached pool process per kernel, each starting its kernel as jupyter_client does."""
+    pool.mkdir(parents=True, exist_ok=True)
+    env = _kernel_env()
     starters = []
     for _ in range(max(0, count)):
         with open(pool / "pool.log", "ab") as log:
@@ -93,7 +105,6 @@ def prewarm(
             )
     for starter in starters:  # each forks at once and exits
         starter.wait(timeout=60)
-    return Pool(pool)
 
 
 def claim(runs_root: Path, kernel_name: str, source: Path | None, dest: Path) -> dict | None:

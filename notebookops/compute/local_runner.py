@@ -118,8 +118,17 @@ def _acquire_slot(
             os.close(fd)
 
 
-def _kernel_manager_class(abort: Abort) -> type:
+def _kernel_manager_class(abort: Abort, config: dict[str, Any] | None = None) -> type:
+    """`config`: the run's, when its kernels may be forked by the kernel server of its runs
+    root (local_kernelserver.py)."""
     from jupyter_client.manager import AsyncKernelManager
+
+    forking = None
+    if config is not None and config.get("runsRoot") and config.get("forkKernels", True):
+        from notebookops.compute import local_kernelserver
+
+        protect = str(config["source"]) if config.get("source") else None
+        forking = local_kernelserver.provisioner_class(Path(config["runsRoot"]), protect)
 
     class RecordingKernelManager(AsyncKernelManager):
         """Remembers the kernel's pid: kernels lead their own session, out of the runner's group.
@@ -130,6 +139,18 @@ def _kernel_manager_class(abort: Abort) -> type:
         """
 
         ready_client: Any = None
+
+        async def _async_pre_start_kernel(self, **kw: Any) -> Any:
+            if forking is not None and self.provisioner is None:
+                import uuid
+
+                self.kernel_id = self.kernel_id or kw.pop("kernel_id", str(uuid.uuid4()))
+                self.provisioner = forking(
+                    kernel_id=self.kernel_id, kernel_spec=self.kernel_spec, parent=self
+                )
+            return await super()._async_pre_start_kernel(**kw)
+
+        pre_start_kernel = _async_pre_start_kernel  # what start_kernel calls
 
         def client(self, **kw: Any) -> Any:
             if self.ready_client is not None:
@@ -318,7 +339,7 @@ def _warm_kernel(config: dict[str, Any], files: RunFiles, abort: Abort) -> Any |
             run_sync(_wait_ready)(km, KERNEL_START_TIMEOUT_SECONDS)
             run_sync(local_pool.move_into)(km.ready_client, Path.cwd())
         else:
-            km = _kernel_manager_class(abort)(kernel_name=name)
+            km = _kernel_manager_class(abort, config)(kernel_name=name)
             run_sync(_launch)(km)
             _preload()  # the kernel boots in its own process while this imports papermill
             run_sync(_wait_ready)(km, KERNEL_START_TIMEOUT_SECONDS)
@@ -326,6 +347,7 @@ def _warm_kernel(config: dict[str, Any], files: RunFiles, abort: Abort) -> Any |
             raise RuntimeError("run stopped while its kernel was starting")
         return km
     except Exception as exc:
+        config["forkKernels"] = False  # the retry starts its kernel as jupyter_client does
         if abort.reason is None:
             print(f"kernel start failed ({type(exc).__name__}: {exc}); retrying once", flush=True)
         abort.kill_kernel()
