@@ -262,11 +262,18 @@ def test_a_server_outlives_an_idle_period_while_its_kernels_run(tmp_path, runs_d
     wait_for(lambda: gone(server.pid), 15, "the server to exit once its kernel is gone")
 
 
+LAUNCH = [sys.executable, "-m", "ipykernel_launcher", "-f"]
+
+
 def test_only_this_interpreters_ipykernel_is_forked(tmp_path):
     conn = str(tmp_path / "k.json")
     assert local_kernelserver.forkable([sys.executable, "-m", "ipykernel_launcher", "-f", conn])
-    other_venv = [str(tmp_path / "venv" / "bin" / "python"), "-m", "ipykernel_launcher", "-f"]
-    assert not local_kernelserver.forkable([*other_venv, conn])
+    # Another virtual environment of the same base interpreter: its python links to the same
+    # binary, but it imports its own packages.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")])
+    other_python = tmp_path / "venv" / "bin" / "python"
+    assert os.path.realpath(other_python) == os.path.realpath(sys.executable)
+    assert not local_kernelserver.forkable([str(other_python), *LAUNCH[1:], conn])
     assert not local_kernelserver.forkable([sys.executable, "-m", "other_kernel", "-f", conn])
     assert not local_kernelserver.forkable(["R", "--slave", "-e", "IRkernel::main()", conn])
     # No server: nothing is forked, and jupyter_client starts the kernel as always.

@@ -160,11 +160,13 @@ def _spawn(
 
 
 def forkable(cmd: list[str]) -> bool:
-    """Whether `cmd` starts this interpreter's ipykernel, the only kernel a server forks."""
+    """Whether `cmd` starts this interpreter's ipykernel, the only kernel a server forks.
+    The path is compared as given, not resolved: every virtual environment's `python` links
+    to the same base interpreter, yet each imports its own packages."""
     return (
         len(cmd) >= 5
         and cmd[1:4] == _LAUNCHER
-        and os.path.realpath(cmd[0]) == os.path.realpath(sys.executable)
+        and os.path.abspath(cmd[0]) == os.path.abspath(sys.executable)
     )
 
 
