@@ -2,7 +2,7 @@
 
 import sys
 
-from notebookops.cli import main
+from notebookops.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
