@@ -4,7 +4,7 @@ It is deterministic: no I/O, no clock but `context.current_utc_datetime`, no env
 Every decision is a function in notebookops.policy; this module only sequences the
 activities and durable timers. History stays bounded: one ActivityMonitor call per round
 covers every pending run, and `continue_as_new` starts a fresh history every
-ROUNDS_PER_GENERATION rounds, carrying the run state in its input.
+few rounds (policy.generation_rounds), carrying the run state in its input.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ warnings.filterwarnings(
     category=UserWarning,
 )
 
-ROUNDS_PER_GENERATION = 10
 # Transient activity errors (network, throttling) are retried by the host; permanent ones
 # come back as {"ok": false, "error": ...} values and are never retried.
 ACTIVITY_RETRY = df.RetryOptions(
@@ -59,7 +58,8 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
             yield from _started(context, state)
         reporting = state.get("finishedAt") is not None  # a generation that only delivers
         if not reporting and not state["errors"] and not state["canceledByPipeline"]:
-            finished = yield from _run_rounds(context, state)
+            rounds = payload.get("roundsPerGeneration")
+            finished = yield from _run_rounds(context, state, rounds)
             if not finished:
                 return None  # continued as new; the next generation goes on
             yield from cancel_orphans(context, state, final=True)
@@ -148,8 +148,11 @@ def note_disabled(state: dict[str, Any], result: Any) -> None:
 EVENT_WAITS = 8
 
 
-def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> Generator:
-    """Returns True when every notebook is finished, False after continue_as_new.
+def _run_rounds(
+    context: df.DurableOrchestrationContext, state: dict[str, Any], rounds: Any = None
+) -> Generator:
+    """Returns True when every notebook is finished, False after continue_as_new, which comes
+    after policy.generation_rounds rounds (`rounds`: what this generation's input names).
 
     With run events (a pushing backend) the wait between rounds is a race between the safety
     timer and open event waits: the losing timer is cancelled, and a round polls only the runs
@@ -165,7 +168,9 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
     named: set[str] = set(state.pop("pollFirst", None) or [])
     if policy.polls_all_each_generation(state):
         named |= {n["path"] for n in policy.active(state)}
-    for _ in range(ROUNDS_PER_GENERATION):
+    taken = 0
+    while taken < policy.generation_rounds(rounds, state):
+        taken += 1
         now = context.current_utc_datetime
         polled = policy.to_poll(state, named, now) if policy.pushing(state) else None
         yield from _monitor(
@@ -206,8 +211,12 @@ def _run_rounds(context: df.DurableOrchestrationContext, state: dict[str, Any]) 
         # The last race's events, and those that came while its round ran.
         arrived, waits = _read_events(context, state, waits)
         state["pollFirst"] = sorted(named | arrived)
-    context.continue_as_new({"state": policy.pack(state)})
+    context.continue_as_new(_next_generation(state))
     return False
+
+
+def _next_generation(state: dict[str, Any]) -> dict[str, Any]:
+    return {"state": policy.pack(state), "roundsPerGeneration": policy.ROUNDS_PER_GENERATION}
 
 
 def _read_events(
@@ -431,7 +440,7 @@ def _deliver(
     attempts = 0
     while not record["done"]:
         if attempts >= limit:
-            context.continue_as_new({"state": policy.pack(state)})
+            context.continue_as_new(_next_generation(state))
             return False
         wake = delivery.next_attempt_at(record)
         if wake is not None and wake > context.current_utc_datetime:

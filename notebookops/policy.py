@@ -465,6 +465,26 @@ def polls_all_each_generation(state: dict[str, Any]) -> bool:
     return pushing(state) and bool(policy.get("pollAllEachGeneration"))
 
 
+# A generation ends (continue_as_new) after this many monitor rounds. Every episode replays its
+# generation from the start, re-parsing each event and re-serializing each activity input, so
+# shorter generations cost less CPU; with run events a generation takes more, because an
+# event that comes with a generation's last batch is lost (see orchestration._run_rounds).
+ROUNDS_PER_GENERATION = 5
+EVENT_ROUNDS_PER_GENERATION = 10
+# A generation whose input names no count was started by a version that always took 10; it
+# replays as it was started.
+LEGACY_ROUNDS_PER_GENERATION = 10
+
+
+def generation_rounds(given: Any, state: dict[str, Any]) -> int:
+    """The rounds this generation takes: `given` is what its input names (the starter and
+    continue_as_new write ROUNDS_PER_GENERATION), at least EVENT_ROUNDS_PER_GENERATION once
+    the backend pushes run events."""
+    if not isinstance(given, int) or isinstance(given, bool) or given < 1:
+        return LEGACY_ROUNDS_PER_GENERATION
+    return max(given, EVENT_ROUNDS_PER_GENERATION) if pushing(state) else given
+
+
 def paths_of_runs(state: dict[str, Any], events: list[Any]) -> set[str]:
     """The active notebooks whose runs the events name (unknown or finished runs: none).
 

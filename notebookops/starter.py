@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from notebookops import redact, sealing
+from notebookops import policy, redact, sealing
 
 if TYPE_CHECKING:
     from notebookops.request import Callback
@@ -55,6 +55,7 @@ def orchestration_input(request: Any, callback: Callback | None, errors: list[st
     payload["auth"] = sealing.seal(callback.auth_token) if callback else None
     if errors:
         payload["errors"] = [f"invalid request: {e}" for e in errors]
+    payload["roundsPerGeneration"] = policy.ROUNDS_PER_GENERATION
     return payload
 
 

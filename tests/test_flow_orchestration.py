@@ -401,7 +401,7 @@ def test_history_stays_bounded_over_many_rounds(flow_env):
                 break
         generation = next(e for e in history if e["EventType"] == EXECUTION_STARTED)["Generation"]
     assert status["output"]["result"] == "succeeded"
-    assert generation >= 30  # 400 rounds at 10 per generation
+    assert generation >= 60  # 400 rounds at 5 per generation
     # Documented bound (README): 3 events per notebook + 100 per generation.
     assert max(sizes) <= 3 * 5 + 100
     assert not any(e["EventType"] == CONTINUE_AS_NEW for e in history[:-1])
@@ -591,3 +591,56 @@ def test_a_state_carried_by_an_older_version_reads_the_same():
     assert again["notebooks"][1] == old["notebooks"][1]
     assert policy.summary(again, now) == policy.summary(old, now)
     assert policy.cancellations(again, now) == policy.cancellations(old, now) == []
+
+
+def test_a_generation_started_without_a_round_count_takes_the_ten_rounds_it_was_started_with(
+    flow_env,
+):
+    """An instance started (or continued) by a version that always took 10 monitor rounds per
+    generation names no count in its input: that generation replays with 10 on this code (a
+    different count would be a non-determinism error mid-generation), and the generations
+    this code starts take policy.ROUNDS_PER_GENERATION."""
+    from devhost import Host
+    from devhost.events import TASK_SCHEDULED
+    from notebookops import policy
+    from notebookops.request import parse_request
+    from notebookops.starter import orchestration_input
+    from tests.flow_support import APP_ROOT
+
+    class Generations(Host):
+        """devhost, recording the monitor rounds of each generation as it ends."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rounds: list[int] = []
+
+        def _commit(self, inst, history, rows, res, now):
+            if res.status in ("ContinuedAsNew", "Completed"):
+                events = history + [e for e, _ in res.history]
+                monitors = [
+                    e
+                    for e in events
+                    if e["EventType"] == TASK_SCHEDULED and e["Name"] == "ActivityMonitor"
+                ]
+                self.rounds.append(len(monitors))
+            super()._commit(inst, history, rows, res, now)
+
+    files = {"nb/long.ipynb": fake_notebook(polls=23)}
+    repo = make_repo(flow_env / "r6", files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=10080)
+    new = orchestration_input(parse_request(body), None, [])
+    assert new["roundsPerGeneration"] == policy.ROUNDS_PER_GENERATION == 5
+    old = {k: v for k, v in new.items() if k != "roundsPerGeneration"}
+    for payload, first in ((old, 10), (new, 5)):
+        with Generations(APP_ROOT, flow_env / f"state-{first}", clock="virtual") as host:
+            instance = host.start_new("OrchestratorFunction", payload)
+            status = host.wait_for(instance, 60)
+        rounds = host.rounds
+        assert status["runtimeStatus"] == "Completed"
+        assert status["output"]["result"] == "succeeded"
+        # 23 polls: the first generation takes as many rounds as its input says (its first
+        # round submits, with nothing to poll yet), every later one 5, the last ends with
+        # the run.
+        assert rounds[0] == first - 1
+        assert all(r == 5 for r in rounds[1:-1])
+        assert sum(rounds) == 23
