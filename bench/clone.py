@@ -17,7 +17,9 @@ FILES = 20
 
 
 def _generate(path: Path, commits: int, megabytes: float, env: dict[str, str]) -> None:
-    """A repository built with git fast-import: `commits` commits, about `megabytes` of blobs."""
+    """A repository built with git fast-import: `commits` commits, about `megabytes` of blobs,
+    stored at zlib level 0 (see bench/reposize.py: random data does not compress, so only the
+    generation gets faster)."""
     import nbformat
 
     path.mkdir(parents=True)
@@ -25,7 +27,9 @@ def _generate(path: Path, commits: int, megabytes: float, env: dict[str, str]) -
     size = max(1, int(megabytes * 1_000_000 / commits))
     notebook = nbformat.writes(nbformat.from_dict(sleep_notebook(0, "cloned"))).encode()
     proc = subprocess.Popen(
-        ["git", "-C", str(path), "fast-import", "--quiet"], stdin=subprocess.PIPE, env=env
+        ["git", "-c", "core.compression=0", "-C", str(path), "fast-import", "--quiet"],
+        stdin=subprocess.PIPE,
+        env=env,
     )
     assert proc.stdin is not None
     write = proc.stdin.write

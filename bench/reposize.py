@@ -7,7 +7,10 @@ alternated; figures: wall time and the peak disk used under the run's state fold
 while it runs, and once more after), with the ratios large/small. The checkout cache lives
 outside the state folder, as it does by default (`<tmp>/notebookops-checkouts`); its size is
 printed beside. Cold, ActivityClone of the large repository is measured against a plain
-`git clone --depth 1 --single-branch` of the same ref, alternated.
+`git clone --depth 1 --single-branch` of the same ref, alternated; the last cold clone is
+made into the warm runs' checkout cache, and one run of the small repository fills its entry
+and warms the machine before anything warm is timed. Both repositories are generated once
+per benchmark run, before any timing.
 
 Goals (issue 17): warm time ratio large/small <= 1.15; peak disk of the large run <=
 1.2 x (repository size + the small run's peak disk); cold clone <= 1.2x git's own.
@@ -43,11 +46,16 @@ BLOB_MB = 1
 def _generate(path: Path, megabytes: float, notebooks: int, env: dict[str, str]) -> int:
     """A one-commit repository (git fast-import, no working tree): `notebooks` one-line
     notebooks under nb/ and about `megabytes` of random data under data/. Returns the bytes of
-    the files at the commit."""
+    the files at the commit. Generated once per benchmark run, outside every timed region."""
     path.mkdir(parents=True)
     git(path, "init", "-q", "-b", "main", env=env)
     proc = subprocess.Popen(
-        ["git", "-C", str(path), "fast-import", "--quiet"], stdin=subprocess.PIPE, env=env
+        # zlib level 0: deflating random data only finds it incompressible (zlib then stores
+        # it anyway, so the pack a clone reads is the same size and as cheap to inflate), and
+        # that attempt was half of the generation's 18 s.
+        ["git", "-c", "core.compression=0", "-C", str(path), "fast-import", "--quiet"],
+        stdin=subprocess.PIPE,
+        env=env,
     )
     assert proc.stdin is not None
     write = proc.stdin.write
@@ -142,11 +150,14 @@ def _run(url: str, count: int, folder: Path, env: dict[str, str]) -> tuple[float
     return elapsed, peak.peak
 
 
-def _cold_clone(url: str, root: Path, i: int, env: dict[str, str]) -> tuple[float, float]:
-    """ActivityClone into an empty cache, then git's own shallow clone of the same ref."""
+def _cold_clone(
+    url: str, root: Path, i: int, env: dict[str, str], keep: Path | None = None
+) -> tuple[float, float]:
+    """ActivityClone into an empty cache, then git's own shallow clone of the same ref. With
+    `keep`, the cache is that folder and stays: the warm runs' checkout cache, filled."""
     from notebookops import activities
 
-    cache = root / f"cold-{i}"
+    cache = keep or root / f"cold-{i}"
     os.environ["NOTEBOOKOPS_CHECKOUT_DIR"] = str(cache)
     payload = {
         "instanceId": f"bench-cold-{i}",
@@ -160,7 +171,8 @@ def _cold_clone(url: str, root: Path, i: int, env: dict[str, str]) -> tuple[floa
     argv = ["clone", "--quiet", "--depth", "1", "--single-branch", "--branch", "main", url]
     theirs, _ = timed(lambda: git(root, *argv, str(dest), env=env))
     shutil.rmtree(dest)
-    shutil.rmtree(cache)
+    if keep is None:
+        shutil.rmtree(cache)
     return ours, theirs
 
 
@@ -190,23 +202,25 @@ def run(
             NOTEBOOKOPS_ALLOW_LOCAL_REPOS="1", GIT_CONFIG_GLOBAL=genv["GIT_CONFIG_GLOBAL"]
         )
 
+        cache = root / "checkouts"
         cold_ours, cold_git = [], []
         for i in range(cold_repeats):
-            ours, theirs = _cold_clone(repos["large"], root, i, genv)
+            # The last cold clone fills the warm runs' cache for the large repository.
+            keep = cache if i == cold_repeats - 1 else None
+            ours, theirs = _cold_clone(repos["large"], root, i, genv, keep)
             cold_ours.append(ours)
             cold_git.append(theirs)
         s_co, s_cg = Sample(cold_ours), Sample(cold_git)
         r_cold = s_co.median / s_cg.median
         print(f"  cold, large: ActivityClone {s_co.fmt()}, git clone --depth 1 {s_cg.fmt()}")
 
-        cache = root / "checkouts"
         env = bench_env(
             NOTEBOOKOPS_CHECKOUT_DIR=str(cache), GIT_CONFIG_GLOBAL=genv["GIT_CONFIG_GLOBAL"]
         )
         raw: dict = {"sizes": sizes, "cold": {"ours": cold_ours, "git": cold_git}, "warm": {}}
-        # One run of each repository fills the checkout cache: what follows is warm.
-        for label in ("small", "large"):
-            _run(repos[label], 1, root / f"warm-{label}", env)
+        # One run of the small repository fills its checkout cache (the large one's was
+        # filled by the last cold clone) and warms the machine: what follows is warm.
+        _run(repos["small"], 1, root / "warm-small", env)
         for count in counts:
             times: dict[str, list[float]] = {"small": [], "large": []}
             disks: dict[str, list[float]] = {"small": [], "large": []}
