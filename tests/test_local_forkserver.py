@@ -93,6 +93,35 @@ def test_a_killed_server_leaves_a_stale_socket_and_submits_still_run(checkout, r
 
 
 @pytest.mark.slow
+def test_submits_made_while_the_server_imports_wait_for_it(checkout, runs_dir):
+    """The first submits of a run come while the server prewarm started is still importing:
+    they wait for it rather than each paying a fresh interpreter's imports."""
+    for name in ("a", "b"):
+        write_notebook(checkout / f"{name}.ipynb", f"print('ran {name}')")
+    backend = get_backend("local")
+    runs_dir.mkdir(parents=True)
+    env = _runner_env(backend)
+    local_forkserver.start(runs_dir, env, runs_dir / ".forkserver.log")
+    local_forkserver.start(runs_dir, env, runs_dir / ".forkserver.log")  # one server only
+    socket = local_forkserver.socket_path(runs_dir, local_forkserver.key(env))
+    assert not socket.exists()  # still importing
+    handles = [backend.submit(make_spec(checkout, f"{n}.ipynb")) for n in ("a", "b")]
+    server = _server(runs_dir)
+    for handle in handles:
+        pid = RunFiles(Path(handle.data["runDir"])).runner_pid()
+        assert psutil.Process(pid).ppid() == server.pid  # forked, not a fresh interpreter
+    assert [finish(backend, h).state for h in handles] == ["succeeded", "succeeded"]
+    # One server: every process with its command line is the server or a runner it forked.
+    same = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if local_forkserver.MODULE in (p.info["cmdline"] or [])
+        and str(runs_dir) in p.info["cmdline"]
+    ]
+    assert {p.pid for p in same if p.ppid() != server.pid} == {server.pid}
+
+
+@pytest.mark.slow
 def test_the_server_exits_when_its_runs_folder_is_gone(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -39,6 +39,7 @@ from notebookops.compute.local_socket import code_key, peer_uid, read_line
 MODULE = "notebookops.compute.local_forkserver"
 IDLE_SECONDS = 20.0
 CONNECT_TIMEOUT_SECONDS = 10.0
+START_WAIT_SECONDS = 5.0
 
 
 def key(env: dict[str, str]) -> str:
@@ -55,8 +56,9 @@ def request(
 ) -> bool:
     """Have the server fork the runner of `run_dir`; True once the server says it did.
     `send_event_url` (it holds the host's key) travels only over this private socket."""
-    path = socket_path(runs_root, key(env))
-    if not path.exists():
+    server_key = key(env)
+    path = socket_path(runs_root, server_key)
+    if not path.exists() and not _await_start(runs_root, server_key, path):
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -70,11 +72,51 @@ def request(
         return False
 
 
+def _await_start(runs_root: Path, server_key: str, path: Path) -> bool:
+    """Wait for a server that is starting (it holds its lock while it imports) to listen, at
+    most `START_WAIT_SECONDS`: a runner it forks costs a fraction of a fresh interpreter's
+    CPU, and the first submits of a run come while the server prewarm started is importing."""
+    import time
+
+    deadline = time.monotonic() + START_WAIT_SECONDS
+    while _starting(runs_root, server_key):
+        if path.exists():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return path.exists()
+
+
+def _starting(runs_root: Path, server_key: str) -> bool:
+    """Whether a server for `server_key` was started and its process is still alive (it may
+    still be importing). Read from the pid `start` wrote, not by probing the server's lock: a
+    probe holding the lock for an instant would make a server starting then give up."""
+    try:
+        pid = int(_starting_file(runs_root, server_key).read_text(encoding="ascii"))
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:  # a server that exited and was not reaped yet is not starting
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _starting_file(runs_root: Path, server_key: str) -> Path:
+    return runs_root / f".forkserver-{server_key}.starting"
+
+
 def start(runs_root: Path, env: dict[str, str], log: Path) -> None:
-    """Start a server for later submits, detached; does not wait for it."""
+    """Start a server for later submits, detached; does not wait for it (`request` waits a
+    little for one that is starting)."""
+    server_key = key(env)
+    if _starting(runs_root, server_key):  # (a socket may be a killed server's: not checked)
+        return
     with contextlib.suppress(OSError), open(log, "ab") as out:
-        subprocess.Popen(
-            [sys.executable, "-m", MODULE, str(runs_root), key(env)],
+        process = subprocess.Popen(
+            [sys.executable, "-m", MODULE, str(runs_root), server_key],
             env=env,
             cwd=runs_root,
             stdin=subprocess.DEVNULL,
@@ -82,6 +124,7 @@ def start(runs_root: Path, env: dict[str, str], log: Path) -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        _starting_file(runs_root, server_key).write_text(str(process.pid), encoding="ascii")
 
 
 def _preload() -> None:
@@ -141,6 +184,8 @@ def serve(runs_root: Path, server_key: str) -> int:
     finally:
         os.umask(old_umask)
     listener.listen(64)
+    with contextlib.suppress(OSError):
+        _starting_file(runs_root, server_key).unlink()  # listening now: requests need not wait
     listener.settimeout(1.0)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
     idle = 0.0
