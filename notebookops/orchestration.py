@@ -9,6 +9,7 @@ few rounds (policy.generation_rounds), carrying the run state in its input.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Generator
 from typing import Any
@@ -329,11 +330,20 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
 def _each_result(context: df.DurableOrchestrationContext, tasks: list[Task]) -> Generator:
     """Like task_all, but one failed task does not fail the rest: returns each task's value,
     or the exception it failed with, in the tasks' order. (task_all fails at the first error
-    and leaves the other results unread.)"""
-    pending = list(tasks)
-    while pending:
-        done = yield context.task_any(pending)
-        pending = [t for t in pending if t is not done]
+    and leaves the other results unread.)
+
+    One task_any over all of them schedules them all at once (the SDK records a task's action
+    when it is first yielded); then each task is awaited in turn. A task_any over the pending
+    ones after every completion did the same with N compound tasks of up to N children, which
+    every replay of the generation rebuilt: quadratic in the notebooks submitted. Neither adds
+    an action after the first, so histories recorded either way replay alike."""
+    if not tasks:
+        return []
+    yield context.task_any(tasks)
+    for task in tasks:
+        if not task.is_completed:
+            with contextlib.suppress(Exception):  # kept as that task's result below
+                yield task
     return [t.result for t in tasks]
 
 

@@ -214,10 +214,9 @@ def watch(notebook: dict[str, Any], waiting: bool) -> dict[str, Any]:
     portal link (for people; no backend reads it back), and the state last seen only for a
     long poll, which returns at once for a run that changed while the round was scheduled."""
     handle = notebook["handle"]
-    run: dict[str, Any] = {
-        "path": notebook["path"],
-        "handle": {k: v for k, v in handle.items() if k != "portalUrl"},
-    }
+    if "portalUrl" in handle:  # a handle kept by a version before mark_submitted dropped it
+        handle = {k: v for k, v in handle.items() if k != "portalUrl"}
+    run: dict[str, Any] = {"path": notebook["path"], "handle": handle}
     if waiting:
         run["seen"] = notebook["state"]
     return run
