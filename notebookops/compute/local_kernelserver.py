@@ -48,9 +48,14 @@ from typing import Any
 from notebookops.compute import local_pool, local_socket
 
 MODULE = "notebookops.compute.local_kernelserver"
+SETTING = "NOTEBOOKOPS_LOCAL_FORK_KERNELS"  # "0": every kernel starts as jupyter_client starts it
 IDLE_SECONDS = 20.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 _LAUNCHER = ["-m", "ipykernel_launcher", "-f"]
+
+
+def enabled(env: dict[str, str] | None = None) -> bool:
+    return (env if env is not None else os.environ).get(SETTING, "").strip() != "0"
 
 
 def key(env: dict[str, str]) -> str:
@@ -71,7 +76,7 @@ def socket_path(runs_root: Path, server_key: str) -> Path:
 
 def start(runs_root: Path, env: dict[str, str], log: Path) -> None:
     """Start a server for later kernel starts, detached; does not wait for it."""
-    server_key = key(env)
+    server_key = key(env) if enabled(env) else ""
     if not server_key or socket_path(runs_root, server_key).exists():
         return
     _spawn(runs_root, env, log, server_key)
@@ -89,7 +94,11 @@ def prewarm(
     pool.mkdir(parents=True, exist_ok=True)
     env = local_pool._kernel_env()
     log = Path(runs_root) / ".kernelserver.log"
-    if count > 0 and offer(runs_root, env, log, pool, kernel_name, count, idle_seconds):
+    if (
+        count > 0
+        and enabled(env)
+        and offer(runs_root, env, log, pool, kernel_name, count, idle_seconds)
+    ):
         return local_pool.Pool(pool)
     return local_pool.prewarm(runs_root, count, kernel_name, idle_seconds)
 
@@ -367,9 +376,7 @@ class _Server:
                 conn.sendall(json.dumps({"refused": refusal}).encode() + b"\n")
                 return
             owner = int(ask["owner"])
-            pid = os.fork()
-            if pid == 0:
-                _become_kernel(ask, fds, (conn, self.listener))  # never returns
+            pid = _fork_kernel(ask, fds, (conn, self.listener))
             self.owners[pid] = (owner, _create_time(owner))
             reply = {"pid": pid, "protectedRoot": self.protected}
             conn.sendall(json.dumps(reply).encode() + b"\n")
@@ -412,9 +419,7 @@ class _Server:
                 "cwd": str(scratch),
                 "umask": _umask(),
             }
-            pid = os.fork()
-            if pid == 0:
-                _become_kernel(ask, [os.dup(1), os.dup(2)], (self.listener,))
+            pid = _fork_kernel(ask, [os.dup(1), os.dup(2)], (self.listener,))
             record = {
                 "pid": pid,
                 "connectionFile": str(connection),
@@ -549,6 +554,22 @@ def _kernel_app_class() -> Any:
     return IPKernelApp
 
 
+def _fork_kernel(ask: dict[str, Any], fds: list[int], inherited: tuple) -> int:
+    """Fork the kernel; returns its pid once it leads its own process group, so that whoever
+    is told the pid can signal the group at once (a withdrawn offer, an abort)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        _become_kernel(ask, fds, (*inherited, ready_w))  # never returns
+    os.close(ready_w)
+    try:
+        os.read(ready_r, 1)  # b"" when the child died first: its pid is still the answer
+    finally:
+        os.close(ready_r)
+    return pid
+
+
 def _become_kernel(ask: dict[str, Any], fds: list[int], inherited: tuple) -> None:
     """In the forked child: set up as launch_kernel would, then run ipykernel; exits."""
     import atexit
@@ -556,10 +577,13 @@ def _become_kernel(ask: dict[str, Any], fds: list[int], inherited: tuple) -> Non
 
     code: Any = 1
     try:
-        for sock in inherited:
+        *sockets, ready = inherited
+        for sock in sockets:
             sock.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
+        os.write(ready, b"1")
+        os.close(ready)
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
         for fd in fds:

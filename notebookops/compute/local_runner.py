@@ -123,10 +123,15 @@ def _kernel_manager_class(abort: Abort, config: dict[str, Any] | None = None) ->
     root (local_kernelserver.py)."""
     from jupyter_client.manager import AsyncKernelManager
 
-    forking = None
-    if config is not None and config.get("runsRoot") and config.get("forkKernels", True):
-        from notebookops.compute import local_kernelserver
+    from notebookops.compute import local_kernelserver
 
+    forking = None
+    if (
+        config is not None
+        and config.get("runsRoot")
+        and config.get("forkKernels", True)
+        and local_kernelserver.enabled()
+    ):
         protect = str(config["source"]) if config.get("source") else None
         forking = local_kernelserver.provisioner_class(Path(config["runsRoot"]), protect)
 
