@@ -171,8 +171,8 @@ def run(
             shutil.rmtree(state_dir, ignore_errors=True)
         return EXIT_INVALID
     pool = _prewarm(request)
-    # The monitor renders every backend's finished notebooks here: start the render worker
-    # now, while the app starts and clones.
+    # The monitor renders every backend's finished notebooks here: the render worker warms up
+    # while the app starts and clones (the command's main() started it already).
     from notebookops import render
 
     render.prewarm()

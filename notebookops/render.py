@@ -8,7 +8,7 @@ process knows, and written beside the notebook.
 it writes `<name>.html` beside `<name>.ipynb` and returns the per-cell timing for the summary.
 Rendering is best effort: a notebook nbconvert cannot render still gets its verdict.
 
-`prewarm` (called by submit, and by `notebookops run` as soon as the request is valid) starts
+`prewarm` (called by submit, and by `notebookops run` as soon as it starts) starts
 a render worker process (notebookops.render_worker) that pays nbconvert's start-up on another
 core while the notebooks run; pages are then rendered there. Without it, or once it is gone,
 pages are rendered in this process, the same pages.

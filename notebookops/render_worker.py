@@ -16,7 +16,7 @@ its parent ends, however it ends.
 
 from __future__ import annotations
 
-import builtins
+import importlib
 import json
 import logging
 import os
@@ -162,10 +162,20 @@ def _replay(logs: list[Any], caught: list[Any]) -> None:
     for name, level, message in logs:
         logging.getLogger(name).log(level, "%s", message)
     for category, message in caught:
-        kind = getattr(builtins, category, None)
-        if not (isinstance(kind, type) and issubclass(kind, Warning)):
-            kind = UserWarning
-        warnings.warn(message, kind, stacklevel=2)
+        warnings.warn(message, _warning_class(category), stacklevel=2)
+
+
+def _warning_class(name: str) -> type[Warning]:
+    """The warning's own class (`module.QualName`, e.g. nbformat's MissingIDFieldWarning), so
+    filters on it still apply; UserWarning if this process cannot have it."""
+    module, _, qualname = name.rpartition(".")
+    try:
+        kind: Any = importlib.import_module(module or "builtins")
+        for part in qualname.split("."):
+            kind = getattr(kind, part)
+    except (ImportError, AttributeError):
+        return UserWarning
+    return kind if isinstance(kind, type) and issubclass(kind, Warning) else UserWarning
 
 
 class _Collect(logging.Handler):
@@ -175,6 +185,10 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append([record.name, record.levelno, record.getMessage()])
+
+
+def _qualified(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _render(job: dict[str, Any], collect: _Collect) -> dict[str, Any]:
@@ -189,7 +203,7 @@ def _render(job: dict[str, Any], collect: _Collect) -> dict[str, Any]:
         except Exception as exc:  # the parent reports it as rendering here would have
             answer = {"error": str(exc)}
     answer["logs"] = collect.records
-    answer["warnings"] = [[type(w.message).__name__, str(w.message)] for w in caught]
+    answer["warnings"] = [[_qualified(type(w.message)), str(w.message)] for w in caught]
     return answer
 
 

@@ -109,6 +109,21 @@ def test_worker_pages_are_masked_here_and_its_log_records_are_logged_here(
 
 
 @pytest.mark.slow
+def test_the_worker_s_warnings_are_raised_here_with_their_own_class(fresh_render):
+    from nbformat.warnings import MissingIDFieldWarning
+
+    nb = _simple()
+    del nb["cells"][0]["id"]  # nbformat warns, in this process or in the worker alike
+    nb["nbformat_minor"] = 5
+    with pytest.warns(MissingIDFieldWarning):
+        render_page.page(json.loads(json.dumps(nb)), "no-id.ipynb", "succeeded")
+    fresh_render.prewarm()
+    with pytest.warns(MissingIDFieldWarning, match="missing an id"):
+        fresh_render.render_html(json.loads(json.dumps(nb)), "no-id.ipynb", "succeeded")
+    assert fresh_render._worker[0] is not None  # the worker rendered it
+
+
+@pytest.mark.slow
 def test_a_notebook_the_worker_cannot_render_fails_alone(executed, fresh_render, tmp_path):
     fresh_render.prewarm()
     (started,) = fresh_render._worker
