@@ -252,20 +252,39 @@ def test_notebooks_run_on_forked_kernels_with_their_verdicts_limits_and_pool(
 
 
 @pytest.mark.slow
-def test_a_server_outlives_an_idle_period_while_its_kernels_run(tmp_path, runs_dir, cache):
-    """Its kernels would exit with it, so it stays while any is alive, even with its runs
-    root gone, and only then exits."""
+def test_a_server_whose_runs_folder_is_gone_stops_its_kernels_and_exits(tmp_path, runs_dir, cache):
     server = _start_server(runs_dir)
     km = _manager(runs_dir, cache, forking=True)
     km.start_kernel(cwd=str(tmp_path))
+    pool = local_kernelserver.prewarm(runs_dir, 1, idle_seconds=600)
+    [offer] = wait_for(lambda: pool.offers(), 60, "the offered kernel")
+    offered = json.loads(offer.read_text())["pid"]
     try:
         assert km.provisioner.forked
         shutil.rmtree(runs_dir)
-        time.sleep(2.5)  # the server looks at its runs root every second
-        assert not gone(server.pid) and km.is_alive()
+        wait_for(lambda: gone(server.pid), 15, "the server to exit")
+        wait_for(lambda: gone(km.provisioner.pid) and gone(offered), 15, "its kernels to stop")
     finally:
         km.shutdown_kernel(now=True)
-    wait_for(lambda: gone(server.pid), 15, "the server to exit once its kernel is gone")
+
+
+def test_a_server_counts_as_busy_while_a_kernel_it_forked_is_alive(tmp_path):
+    """Its kernels poll it as their parent and would exit with it: it waits for them."""
+    from notebookops.compute.local_state import _create_time
+
+    server = local_kernelserver._Server(tmp_path, None, None)  # type: ignore[arg-type]
+    assert not server.busy()
+    kernel = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for one
+    try:
+        server.owners[kernel.pid] = (os.getpid(), _create_time(os.getpid()))
+        server.tend()  # alive, and its runner (this process) too: kept
+        assert server.busy() and kernel.poll() is None
+        kernel.kill()
+        kernel.wait()
+        server.tend()
+        assert not server.busy()
+    finally:
+        kernel.kill()
 
 
 LAUNCH = [sys.executable, "-m", "ipykernel_launcher", "-f"]

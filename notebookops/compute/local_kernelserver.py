@@ -21,7 +21,8 @@ ipykernel imports were imported before the environment was set.
   root forks only for a checkout inside the cache it mounted read-only (see local_pool.py).
 - It kills a kernel whose runner is gone (a fresh kernel dies with its runner, the parent it
   polls) and exits after `IDLE_SECONDS` without a request once none of its kernels is alive:
-  its kernels poll it as their parent and would exit with it.
+  its kernels poll it as their parent and would exit with it. When its runs root is removed,
+  it stops its kernels and exits.
 
 Started as `python -m notebookops.compute.local_kernelserver RUNS_ROOT KEY`. Standard library
 only at import time (the client side runs in the function host and in runners).
@@ -356,6 +357,10 @@ class _Server:
                     expired.unlink()
                     _kill(pid)
 
+    def kill_all(self) -> None:
+        for pid in [*self.owners, *self.offers]:
+            _kill(pid)
+
     def answer(self, conn: socket.socket) -> None:
         from notebookops.compute.local_state import _create_time
 
@@ -493,7 +498,10 @@ def serve(runs_root: Path, server_key: str, first: dict[str, Any] | None = None)
     try:
         while True:
             server.tend()
-            if not server.busy() and (idle >= IDLE_SECONDS or not runs_root.is_dir()):
+            if not runs_root.is_dir():
+                server.kill_all()  # its runs are gone: nothing is left to read their results
+                break
+            if not server.busy() and idle >= IDLE_SECONDS:
                 break
             try:
                 conn, _ = listener.accept()
