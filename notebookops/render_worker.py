@@ -31,6 +31,11 @@ MODULE = "notebookops.render_worker"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _HEADER = struct.Struct(">Q")
 _CLOSE_SECONDS = 2.0
+# A worker that does not answer in time is ended and the page is rendered in-process: a hung
+# worker must never hold the monitor (and the pipeline waiting on it) for good. Generous: a
+# notebook with large outputs takes long to render anywhere.
+_READY_SECONDS = 120.0
+_PAGE_SECONDS = 600.0
 
 # Rendered once at start-up: it compiles what every page needs (templates, nbconvert's CSS
 # selectors, the ipython3 lexer, the notebook schema), so the first real page does not.
@@ -81,17 +86,45 @@ def _receive(stream: IO[bytes]) -> Any:
     return json.loads(data)
 
 
+def _receive_within(fd: int, seconds: float) -> Any:
+    """The next message read from the pipe `fd` (unbuffered), None at its end; TimeoutError
+    when it is not complete within `seconds`."""
+    import select
+    import time
+
+    deadline = time.monotonic() + seconds
+
+    def read(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"no answer within {seconds:g} s")
+            chunk = os.read(fd, count - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    header = read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = read(size)
+    return json.loads(data) if len(data) == size else None
+
+
 class Worker:
     """The parent's side: starts the process at once and waits for it only at the first page.
     Not thread-safe: notebookops.render calls it under its lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: list[str] | None = None) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
         )
         self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, "-m", MODULE],
+            command or [sys.executable, "-m", MODULE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -114,14 +147,19 @@ class Worker:
             raise WorkerGone("closed")
         assert process.stdin is not None and process.stdout is not None
         try:
+            # Read unbuffered, with a deadline: the pipe is never read through its buffer.
+            out = process.stdout.fileno()
             if not self._ready:
-                hello = _receive(process.stdout)
+                hello = _receive_within(out, _READY_SECONDS)
                 if not isinstance(hello, dict) or not hello.get("ready"):
                     why = hello.get("error") if isinstance(hello, dict) else None
                     raise WorkerGone(why or f"exit code {process.wait()}")
                 self._ready = True
             _send(process.stdin, {"nb": nb, "path": path, "state": state})
-            answer = _receive(process.stdout)
+            answer = _receive_within(out, _PAGE_SECONDS)
+        except TimeoutError as exc:
+            self.close(kill=True)
+            raise WorkerGone(f"the render worker did not answer: {exc}") from None
         except (OSError, ValueError) as exc:
             self.close()
             raise WorkerGone(str(exc)) from None
@@ -136,12 +174,15 @@ class Worker:
             raise RenderFailed(answer["error"])
         return answer["html"]
 
-    def close(self, wait: bool = True) -> None:
+    def close(self, wait: bool = True, kill: bool = False) -> None:
         """End the worker (its stdin closes). `wait=False` at the parent's exit: the worker
-        ends on its own, and the parent need not sit through its interpreter's shutdown."""
+        ends on its own, and the parent need not sit through its interpreter's shutdown.
+        `kill`: a worker that stopped answering is killed outright."""
         process, self._process = self._process, None
         if process is None:
             return
+        if kill:
+            process.kill()
         for stream in (process.stdin, process.stdout):
             try:
                 if stream:

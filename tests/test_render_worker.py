@@ -156,6 +156,49 @@ def test_pages_are_rendered_here_once_the_worker_is_gone(executed, fresh_render,
     assert fresh_render._worker == [None]
 
 
+# A worker that says it is ready, then never answers a page (as a hung nbconvert would).
+_SILENT_AFTER_READY = (
+    "import json, os, struct, sys, time\n"
+    "data = json.dumps({'ready': True}).encode()\n"
+    "sys.stdout.buffer.write(struct.pack('>Q', len(data)) + data); sys.stdout.flush()\n"
+    "time.sleep(300)\n"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, limit",
+    [("import time; time.sleep(300)", "_READY_SECONDS"), (_SILENT_AFTER_READY, "_PAGE_SECONDS")],
+    ids=["never ready", "silent on a page"],
+)
+def test_a_worker_that_stops_answering_is_killed_and_the_page_rendered_here(
+    executed, fresh_render, monkeypatch, caplog, script, limit
+):
+    """A hung worker must not hold the monitor, and the pipeline waiting on it, for good."""
+    from notebookops import render_worker
+
+    monkeypatch.setattr(render_worker, limit, 1.5)
+    silent = Worker([sys.executable, "-c", script])
+    fresh_render._worker.append(silent)
+    pid = silent.pid
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="notebookops.render"):
+        page = fresh_render.render_html(executed, "nb/slow.ipynb", "failed")
+    assert time.monotonic() - started < 30
+    assert page == redact.redact_known(render_page.page(executed, "nb/slow.ipynb", "failed"))
+    assert any("did not answer" in r.getMessage() for r in caplog.records)
+    assert fresh_render._worker == [None]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the silent worker was not ended")
+
+
 @pytest.mark.slow
 def test_the_worker_ends_with_its_parent(tmp_path):
     """The worker outlives no parent: not one that returns, not one that is killed."""
