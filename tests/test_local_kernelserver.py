@@ -52,11 +52,17 @@ def cache(tmp_path: Path, monkeypatch) -> Path:
 
 def _server(runs: Path) -> psutil.Process:
     def find() -> psutil.Process | None:
-        for process in psutil.process_iter(["cmdline"]):
-            cmdline = process.info["cmdline"] or []
-            if local_kernelserver.MODULE in cmdline and str(runs) in cmdline:
-                return process
-        return None
+        # Forked kernels keep the server's command line: the server is the one whose parent
+        # is not a server.
+        found = [
+            process
+            for process in psutil.process_iter(["cmdline"])
+            if local_kernelserver.MODULE in (process.info["cmdline"] or [])
+            and str(runs) in process.info["cmdline"]
+        ]
+        pids = {process.pid for process in found}
+        roots = [process for process in found if process.ppid() not in pids]
+        return roots[0] if roots else None
 
     return wait_for(find, 60, "the kernel server")
 
@@ -252,15 +258,20 @@ def test_notebooks_run_on_forked_kernels_with_their_verdicts_limits_and_pool(
 
 
 @pytest.mark.slow
-def test_a_server_whose_runs_folder_is_gone_stops_its_kernels_and_exits(tmp_path, runs_dir, cache):
-    server = _start_server(runs_dir)
-    km = _manager(runs_dir, cache, forking=True)
-    km.start_kernel(cwd=str(tmp_path))
+def test_a_server_whose_runs_folder_is_gone_stops_its_kernels_and_exits(
+    tmp_path, runs_dir, cache, monkeypatch
+):
     pool = local_kernelserver.prewarm(runs_dir, 1, idle_seconds=600)
     [offer] = wait_for(lambda: pool.offers(), 60, "the offered kernel")
     offered = json.loads(offer.read_text())["pid"]
+    server = psutil.Process(offered).parent()  # the one server prewarm started
+    # A kernel started from the environment prewarm gave that server: forked by it too.
+    monkeypatch.setenv("PYTHONPATH", local_pool._kernel_env()["PYTHONPATH"])
+    km = _manager(runs_dir, cache, forking=True)
+    km.start_kernel(cwd=str(tmp_path))
     try:
         assert km.provisioner.forked
+        assert psutil.Process(km.provisioner.pid).ppid() == server.pid
         shutil.rmtree(runs_dir)
         wait_for(lambda: gone(server.pid), 15, "the server to exit")
         wait_for(lambda: gone(km.provisioner.pid) and gone(offered), 15, "its kernels to stop")
