@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from notebookops.compute.local_socket import code_key, peer_uid, read_line
+from notebookops.compute import local_pool
+from notebookops.compute.local_socket import code_key, listen, peer_uid, read_line
 
 MODULE = "notebookops.compute.local_forkserver"
 IDLE_SECONDS = 20.0
@@ -94,14 +95,9 @@ def _starting(runs_root: Path, server_key: str) -> bool:
     probe holding the lock for an instant would make a server starting then give up."""
     try:
         pid = int(_starting_file(runs_root, server_key).read_text(encoding="ascii"))
-        os.kill(pid, 0)
     except (OSError, ValueError):
         return False
-    try:  # a server that exited and was not reaped yet is not starting
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return local_pool._alive(pid)  # an exited server not reaped yet is not starting
 
 
 def _starting_file(runs_root: Path, server_key: str) -> Path:
@@ -180,18 +176,9 @@ def serve(runs_root: Path, server_key: str) -> int:
         return 0  # another server for this key is starting or serving
     _preload()
     path = socket_path(runs_root, server_key)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # left by a server that was killed; we hold the lock now
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket is ours only
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    listener.listen(64)
+    listener = listen(path)
     with contextlib.suppress(OSError):
         _starting_file(runs_root, server_key).unlink()  # listening now: requests need not wait
-    listener.settimeout(1.0)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
     idle = 0.0
     try:

@@ -300,23 +300,6 @@ def _preload() -> None:
     from IPython.extensions import storemagic  # noqa: F401
 
 
-def _protect_checkouts() -> str | None:
-    """As root, the checkout cache read-only in this process's mount namespace (the kernels
-    inherit it); the folder so protected, or None (then, as root, nothing is forked)."""
-    if os.geteuid() != 0:
-        return None
-    from notebookops.compute.staging import _mount_read_only
-
-    root = local_pool.checkout_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _mount_read_only(root)
-    except OSError as exc:
-        print(f"kernel server without a read-only checkout cache ({exc})", flush=True)
-        return None
-    return str(root)
-
-
 class _Server:
     """The serving process's state: its socket, its read-only checkout cache (root), its
     kernels and the offers it made."""
@@ -478,18 +461,9 @@ def serve(runs_root: Path, server_key: str, first: dict[str, Any] | None = None)
     # As ipykernel_launcher does: the working folder is not on the path while it imports.
     if sys.path and sys.path[0] in ("", os.getcwd()):
         del sys.path[0]
-    protected = _protect_checkouts()
+    protected = local_pool.protect_checkout_cache("kernel server")
     _preload()
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # left by a server that was killed; we hold the lock now
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket is ours only
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    listener.listen(64)
-    listener.settimeout(1.0)
+    listener = local_socket.listen(path)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # kernels are reaped by the OS
     server = _Server(runs_root, listener, protected)
     if first and isinstance(first.get("offer"), dict):
@@ -527,21 +501,13 @@ def _refusal(ask: Any, fds: list[int], protected: str | None) -> str | None:
         return f"no such folder {ask.get('cwd')!r}"
     if os.geteuid() == 0:
         want = ask.get("protect")
-        if not protected or not want or not _inside(str(want), protected):
+        if not protected or not want or not local_pool._inside(Path(str(want)), Path(protected)):
             return "the checkout is not read-only here"
     import threading
 
     if threading.active_count() != 1:  # forking a threaded process copies locks mid-use
         return "the server has threads"
     return None
-
-
-def _inside(path: str, root: str) -> bool:
-    try:
-        Path(path).resolve().relative_to(root)
-        return True
-    except ValueError:
-        return False
 
 
 def _kernel_app_class() -> Any:

@@ -214,18 +214,26 @@ async def move_into(client: Any, folder: Path, timeout: float = 30.0) -> None:
 # ------------------------------------------------------------------------------ pool process
 
 
-def _serve(pool: Path, kernel_name: str, idle_seconds: float) -> int:
+def protect_checkout_cache(who: str) -> str | None:
+    """As root, the checkout cache read-only in this process's mount namespace (the kernels
+    it starts or forks inherit it); the folder so protected, or None (not root, or the mount
+    was refused: then, as root, no runner adopts this process's kernels)."""
+    if os.geteuid() != 0:
+        return None
     from notebookops.compute.staging import _mount_read_only
 
-    protected: str | None = None
-    if os.geteuid() == 0:
-        root = checkout_root()
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            _mount_read_only(root)
-            protected = str(root)
-        except OSError as exc:
-            print(f"pool kernel without a read-only checkout cache ({exc})", flush=True)
+    root = checkout_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _mount_read_only(root)
+    except OSError as exc:
+        print(f"{who} without a read-only checkout cache ({exc})", flush=True)
+        return None
+    return str(root)
+
+
+def _serve(pool: Path, kernel_name: str, idle_seconds: float) -> int:
+    protected = protect_checkout_cache("pool kernel")
     from jupyter_client.manager import KernelManager
 
     ident = uuid.uuid4().hex[:12]

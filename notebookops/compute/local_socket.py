@@ -6,8 +6,10 @@ Standard library only: the function host imports it to find a server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import socket
 import struct
 import sys
@@ -41,3 +43,20 @@ def read_line(conn: socket.socket, limit: int = 1 << 20, data: bytes = b"") -> b
 def peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
+
+
+def listen(path: Path) -> socket.socket:
+    """A listening socket at `path` that only this user can reach (mode 0600), replacing one
+    a killed server left (the caller holds the server's lock); accept() times out each second
+    so the server can look at its runs folder and idle time."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    listener.settimeout(1.0)
+    return listener
