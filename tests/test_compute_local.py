@@ -619,3 +619,35 @@ def test_wait_for_change_returns_when_a_run_finishes_not_at_its_timeout(checkout
         assert backend.status(short).state == "succeeded"
     finally:
         backend.cancel(idle)
+
+
+def test_wait_for_change_sees_a_run_that_ends_just_after_its_state_check(runs_dir, monkeypatch):
+    """A run that ends in the instant between the wait's check of the states it was given and
+    its first look at the state file is seen at once, not after the whole wait (the monitor's
+    long poll is 30 s). RunFiles.read_state is wrapped to write the verdict at that instant:
+    in a real run the window is microseconds wide, and a rare miss stalled a whole run."""
+    run_dir = runs_dir / "nb-race"
+    run_dir.mkdir(parents=True)
+    files = RunFiles(run_dir)
+    files.init_state()
+    assert files.mark_running()
+    time.sleep(0.05)  # the verdict's stamp differs from the running state's
+    handle = RunHandle(
+        backend="local", run_id="nb-race", portal_url=None, data={"runDir": str(run_dir)}
+    )
+    real_read = RunFiles.read_state
+    ended: list[bool] = []
+
+    def read_then_end(self: RunFiles) -> dict:
+        state = real_read(self)
+        if not ended and state.get("state") == "running":
+            ended.append(True)
+            assert RunFiles(self.run_dir).finalize("succeeded")
+        return state
+
+    monkeypatch.setattr(RunFiles, "read_state", read_then_end)
+    started = time.monotonic()
+    get_backend("local").wait_for_change([handle], 5.0, known=["running"])
+    assert ended, "the wait never checked the state it was given"
+    assert time.monotonic() - started < 1.0
+    assert get_backend("local").status(handle).state == "succeeded"

@@ -267,11 +267,6 @@ class LocalBackend:
         the wait began (between the last round's read and this call) returns at once, where
         comparing file stamps alone would sleep through the change until `timeout`."""
         files = [self._files(h) for h in handles]
-        if known and any(
-            seen is not None and f.read_state().get("state") != seen
-            for f, seen in zip(files, known, strict=False)
-        ):
-            return
 
         def snapshot() -> list[int]:
             stamps = []
@@ -282,7 +277,15 @@ class LocalBackend:
                     stamps.append(-1)
             return stamps
 
+        # Stamps first, then the states: a change written between the two is either in the
+        # states read or after the stamps. The other order missed a change written between
+        # them and slept the whole wait (up to 30 s) on a run that had already ended.
         start = snapshot()
+        if known and any(
+            seen is not None and f.read_state().get("state") != seen
+            for f, seen in zip(files, known, strict=False)
+        ):
+            return
         deadline = time.monotonic() + max(0.0, timeout)
         checks = 0
         while time.monotonic() < deadline:
