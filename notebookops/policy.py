@@ -557,13 +557,19 @@ SAFETY_SLACK_MAX = 30.0
 
 def to_poll(state: dict[str, Any], named: set[str], now: datetime) -> set[str]:
     """With run events, a round polls the runs events named and those whose safety poll is
-    due (or nearly: _slack), nothing else."""
+    due (or nearly: _slack), nothing else. Where status reads cost nothing (local), a round
+    woken by events also polls every run last seen running: the SDK keeps only the last of
+    the events that come while no wait is open (during a generation's first round), so an
+    end announced beside another run's start was lost and waited for its safety poll."""
     now = utc(now)
     schedule_safety(state, now)
+    also_running = bool(named) and polls_all_each_generation(state)
     return {
         n["path"]
         for n in active(state)
-        if n["path"] in named or parse(n["safetyAt"]) <= now + _slack(n)
+        if n["path"] in named
+        or (also_running and n["state"] == "running")
+        or parse(n["safetyAt"]) <= now + _slack(n)
     }
 
 

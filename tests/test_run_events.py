@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -495,3 +496,100 @@ def test_the_sdks_warning_for_an_event_kept_for_the_next_wait_is_not_shown_to_us
     )
     assert "TaskId: runStatusChanged" not in proc.stderr
     assert "TaskId: 7" in proc.stderr
+
+
+def _send_event_url(host, instance: str) -> str:
+    """Where a runner posts its run's start and end (the instance's sendEventPostUri)."""
+    return (
+        f"{host.base_url}/runtime/webhooks/durabletask/instances/{instance}/raiseEvent/"
+        f"{run_events.EVENT_NAME}"
+    )
+
+
+class GatedOwnEnds(PushingFake):
+    """The fake announcing its own ends, as the local backend does (every generation's first
+    round polls every run), whose status read of `gate_run` blocks once, on its
+    `gate_at`-th read, until the test has raised its events."""
+
+    announces_own_ends = True
+    safety_poll_seconds = 3600.0
+    gate_run: str | None = None
+    gate_at = 2
+    reads = 0
+    entered = threading.Event()
+    release = threading.Event()
+
+    def submit(self, spec, send_event_url=None):
+        return super().submit(spec)
+
+    def status(self, handle):
+        if handle.run_id == type(self).gate_run:
+            type(self).reads += 1
+            if type(self).reads == type(self).gate_at:
+                type(self).entered.set()
+                type(self).release.wait(30)
+        return super().status(handle)
+
+
+@pytest.mark.slow
+def test_ends_announced_during_a_generations_first_round_are_all_seen(
+    flow_env,  # noqa: F811 - the fixture
+    monkeypatch,
+):
+    """Two runs end while the first round of a new generation is still reading statuses, and
+    both ends are announced then (as runners do, through the send-event URL): both are seen
+    at once, not at the hour-long safety poll. No event wait is open during that round, and
+    the SDK keeps only the last event that finds none: where polls cost nothing, the round
+    that event wakes polls every run last seen running too (before, only the run it named)."""
+    from notebookops import policy
+    from notebookops.compute import registry
+
+    monkeypatch.setitem(registry._factories, "fake", GatedOwnEnds)
+    monkeypatch.setenv(run_events.EVENTS_SETTING, "1")
+    GatedOwnEnds.reads = 0
+    GatedOwnEnds.entered.clear()
+    GatedOwnEnds.release.clear()
+    paths = ["a.ipynb", "b.ipynb", "c.ipynb"]
+    repo = make_repo(flow_env / "repo", {p: fake_notebook(polls=-1) for p in paths})
+    body = message(repo, paths, compute={"backend": "fake"})
+    with app_host(flow_env / "state", clock="real") as host:
+        instance = deliver(host, body)
+        a_key, b_key, c_key = (run_key(instance, p) for p in paths)
+        GatedOwnEnds.gate_run = c_key  # read last in a round that polls all three
+
+        def states():
+            custom = (host.get_status(instance) or {}).get("customStatus") or {}
+            return {n["path"]: n["state"] for n in custom.get("notebooks", [])}
+
+        _wait(lambda: states() and set(states().values()) <= {"queued", "running"})
+        with FakeBackend.lock:
+            assert {a_key, b_key, c_key} <= set(FakeBackend.runs)
+        # Starts announced for `a` (a start names its run too) drive one round each until the generation ends; the next
+        # generation's first round polls all three and blocks on `c`.
+        for _ in range(4 * policy.EVENT_ROUNDS_PER_GENERATION):
+            if GatedOwnEnds.entered.is_set():
+                break
+            polls = _status_polls(a_key)
+            assert (
+                run_events.post_run_status(_send_event_url(host, instance), a_key, "running")
+                is None
+            )
+            _wait(lambda p=polls: _status_polls(a_key) > p or GatedOwnEnds.entered.is_set())
+        assert GatedOwnEnds.entered.is_set(), "no new generation polled every run"
+        # a and b were read as running in this round; they end now and are announced.
+        _end(a_key)
+        _end(b_key)
+        started = time.monotonic()
+        url = _send_event_url(host, instance)
+        assert run_events.post_run_status(url, a_key, "succeeded") is None
+        assert run_events.post_run_status(url, b_key, "succeeded") is None
+        time.sleep(0.5)  # both events are in before the round ends
+        GatedOwnEnds.release.set()
+        seen = _wait(lambda: states().get("a.ipynb") == states().get("b.ipynb") == "succeeded", 20)
+        seen_after = time.monotonic() - started
+        _end(c_key)
+        assert run_events.post_run_status(url, c_key, "succeeded") is None
+        result = host.wait_for(instance, timeout=60)
+    assert seen, "an end announced during the first round was lost"
+    assert seen_after < 15
+    assert result["output"]["result"] == "succeeded"
