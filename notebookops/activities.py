@@ -258,7 +258,10 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
     orphans = [_cancel_orphan(job.instance_id, orphan) for orphan in job.orphans]
     for run in job.runs:
         try:
-            results.append(_observe(job.instance_id, run.path, run.handle, job.checkout))
+            seen = _observe(job.instance_id, run.path, run.handle, job.checkout)
+            if not _news(seen, run.seen):
+                continue
+            results.append(seen)
         except Exception as exc:  # one unreachable run must not hide the others' progress
             log.warning("monitor: %s: %s", run.path, redact.redact_known(str(exc)))
             results.append(
@@ -280,6 +283,19 @@ def monitor(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 _TERMINAL = {"succeeded", "failed", "canceled", "timedOut"}
+
+
+def _news(seen: Observation, known: str | None) -> bool:
+    """Whether the orchestrator needs this observation: a run still in the state it last saw
+    (`known`, WatchRun.seen), with nothing else to say, is left out of the answer. The answer
+    lands in the orchestration's history, which every later episode of the generation parses
+    again; most runs of a round are still running."""
+    from notebookops.payloads import Observation
+
+    if known is None or seen.state != known or seen.state in _TERMINAL:
+        return True
+    quiet = Observation(path=seen.path, state=seen.state, started_at=seen.started_at)
+    return seen != quiet
 
 
 def _end_line(result: dict[str, Any]) -> str:

@@ -189,7 +189,7 @@ def _run_rounds(
             yield from _monitor(context, state, late_stops, poll=False)
         if not state["canceledByPipeline"]:
             yield from _submit_ready(context, state)
-        context.set_custom_status(policy.custom_status(state, "running"))
+        _show_running(context, state)
         if policy.all_done(state):
             return True
         state["round"] += 1
@@ -254,7 +254,7 @@ def _monitor(
     stopping = {s["path"] for s in stops}
     wait = wait if poll and not stops else 0.0
     runs = [
-        policy.watch(n, wait > 0)
+        policy.watch(n)
         for n in policy.active(state)
         if poll and n["path"] not in stopping and (only is None or n["path"] in only)
     ]
@@ -324,7 +324,15 @@ def _submit_ready(context: df.DurableOrchestrationContext, state: dict[str, Any]
             state["pollPolicy"] = result["pollPolicy"]
         policy.mark_submitted(notebook, result, now)
     yield from cancel_orphans(context, state, final=False)
-    context.set_custom_status(policy.custom_status(state, "running"))
+    _show_running(context, state)
+
+
+def _show_running(context: df.DurableOrchestrationContext, state: dict[str, Any]) -> None:
+    """The custom status after a round. The host keeps the last status an episode set, and code
+    that replays ran in an earlier episode, which set the same status then: so a replaying round
+    builds none (a status of every notebook, once per replayed round of every episode)."""
+    if not context.is_replaying:
+        context.set_custom_status(policy.custom_status(state, "running"))
 
 
 def _each_result(context: df.DurableOrchestrationContext, tasks: list[Task]) -> Generator:

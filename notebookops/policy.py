@@ -208,18 +208,16 @@ def active(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [n for n in state["notebooks"] if n["state"] in ACTIVE_STATES]
 
 
-def watch(notebook: dict[str, Any], waiting: bool) -> dict[str, Any]:
+def watch(notebook: dict[str, Any]) -> dict[str, Any]:
     """A run as ActivityMonitor's input names it. Every replay of a generation serializes each
     of its rounds' inputs again, so only what the monitor uses goes: the handle without its
-    portal link (for people; no backend reads it back), and the state last seen only for a
-    long poll, which returns at once for a run that changed while the round was scheduled."""
+    portal link (for people; no backend reads it back), and the state last seen: the monitor
+    answers only for runs with news (apply_monitor reads a run it saw as it was as no change),
+    and a long poll returns at once for a run that changed while the round was scheduled."""
     handle = notebook["handle"]
     if "portalUrl" in handle:  # a handle kept by a version before mark_submitted dropped it
         handle = {k: v for k, v in handle.items() if k != "portalUrl"}
-    run: dict[str, Any] = {"path": notebook["path"], "handle": handle}
-    if waiting:
-        run["seen"] = notebook["state"]
-    return run
+    return {"path": notebook["path"], "handle": handle, "seen": notebook["state"]}
 
 
 def pending(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -468,7 +466,7 @@ def polls_all_each_generation(state: dict[str, Any]) -> bool:
 # generation from the start, re-parsing each event and re-serializing each activity input, so
 # shorter generations cost less CPU; with run events a generation takes more, because an
 # event that comes with a generation's last batch is lost (see orchestration._run_rounds).
-ROUNDS_PER_GENERATION = 5
+ROUNDS_PER_GENERATION = 2
 EVENT_ROUNDS_PER_GENERATION = 10
 # A generation whose input names no count was started by a version that always took 10; it
 # replays as it was started.

@@ -8,9 +8,12 @@ import json
 
 import pytest
 
-from devhost.events import CONTINUE_AS_NEW, EXECUTION_STARTED
+from devhost import Host
+from devhost.events import CONTINUE_AS_NEW, EXECUTION_STARTED, TASK_COMPLETED, TASK_SCHEDULED
+from notebookops.compute.base import TERMINAL_STATES
 from tests.fake_devops import FakeDevOps
 from tests.flow_support import (
+    APP_ROOT,
     FakeBackend,
     app_host,
     deliver,
@@ -401,7 +404,7 @@ def test_history_stays_bounded_over_many_rounds(flow_env):
                 break
         generation = next(e for e in history if e["EventType"] == EXECUTION_STARTED)["Generation"]
     assert status["output"]["result"] == "succeeded"
-    assert generation >= 60  # 400 rounds at 5 per generation
+    assert generation >= 60  # 400 rounds at ROUNDS_PER_GENERATION (2) per generation
     # Documented bound (README): 3 events per notebook + 100 per generation.
     assert max(sizes) <= 3 * 5 + 100
     assert not any(e["EventType"] == CONTINUE_AS_NEW for e in history[:-1])
@@ -546,13 +549,106 @@ def test_each_generation_carries_a_small_state_and_each_round_a_small_monitor_in
     assert long["state"] == "running" and "portalUrl" not in long["handle"]
     assert not [k for n in by_path.values() for k, v in n.items() if v is None or v == []]
     runs = [r for i in monitor_inputs for r in i["runs"]]
-    assert runs and all(set(r) == {"path", "handle"} for r in runs)  # no long poll: no "seen"
+    assert runs and all(set(r) == {"path", "handle", "seen"} for r in runs)
     assert all("portalUrl" not in r["handle"] for r in runs)
     summary = {n["path"]: n for n in status["output"]["notebooks"]}
     for path in files:
         assert summary[path]["portalUrl"] == f"https://fake/{summary[path]['runId']}"
         assert summary[path]["error"] is None and summary[path]["message"] is None
         assert summary[path]["outputNotebook"]
+
+
+class _Rounds(Host):
+    """devhost, recording each monitor round (what it was asked, what it answered) and the
+    custom status a person reading the instance's status sees after every episode."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rounds: list[tuple[dict, dict]] = []
+        self.seen: list[tuple[set[str], dict]] = []  # (runs ended in this episode, status)
+
+    def _commit(self, inst, history, rows, res, now):
+        events = history + [e for e, _ in res.history]
+        asked = {
+            e["EventId"]: json.loads(e["Input"])
+            for e in events
+            if e["EventType"] == TASK_SCHEDULED and e["Name"] == "ActivityMonitor"
+        }
+        ended = set()
+        for event, _ in res.history:
+            if event["EventType"] == TASK_COMPLETED and event["TaskScheduledId"] in asked:
+                answer = json.loads(event["Result"])
+                self.rounds.append((asked[event["TaskScheduledId"]], answer))
+                ended |= {r["path"] for r in answer["runs"] if r["state"] in TERMINAL_STATES}
+        super()._commit(inst, history, rows, res, now)
+        self.seen.append((ended, self.get_status(inst.instance_id)["customStatus"] or {}))
+
+
+def test_a_monitor_round_answers_only_for_runs_with_news(flow_env):
+    """A round's answer lands in the history every later episode of the generation parses
+    again, so the monitor answers only for runs whose state changed since the orchestrator
+    saw them: a run still queued or still running is left out, and the summary is what it
+    was (queue time measured from the transition to running, durations, outputs)."""
+    files = {
+        "nb/waits.ipynb": fake_notebook(polls=4, queuedPolls=3),
+        "nb/runs.ipynb": fake_notebook(polls=8),
+    }
+    repo = make_repo(flow_env / "r7", files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
+    with _Rounds(APP_ROOT, flow_env / "state", clock="virtual") as host:
+        instance = deliver(host, body)
+        status = host.wait_for(instance, 60)
+    assert status["output"]["result"] == "succeeded"
+    summary = {n["path"]: n for n in status["output"]["notebooks"]}
+    # Queued for 3 more polls than the other, so queued for longer: the moment it was seen
+    # running was in an answer.
+    assert summary["nb/waits.ipynb"]["queuedSeconds"] > summary["nb/runs.ipynb"]["queuedSeconds"]
+    for entry in summary.values():
+        assert entry["state"] == "succeeded" and entry["durationSeconds"] == 2.0
+        assert entry["outputNotebook"] and entry["outputHtml"]
+    answered = 0
+    for asked, answer in host.rounds:
+        seen = {r["path"]: r["seen"] for r in asked["runs"]}
+        assert set(seen) <= set(files) and set(seen.values()) <= {"queued", "running"}
+        for result in answer["runs"]:
+            assert result["state"] != seen[result["path"]]  # news only
+        answered += len(answer["runs"])
+    # Each run is answered for when it starts running and when it ends: 4 answers in all,
+    # over rounds that watched the two runs 15 times (3 + 4 and 8 status reads).
+    assert answered == 4
+    assert sum(len(asked["runs"]) for asked, _ in host.rounds) == 3 + 4 + 8
+    assert any(not answer["runs"] for _, answer in host.rounds)
+
+
+def test_the_status_shows_each_round_as_it_happens(flow_env, monkeypatch):
+    """The custom status is built by the rounds that run, not by those that replay (the host
+    keeps the last status an episode set): after the episode that saw a notebook end, the
+    status already shows it ended, while the other still runs, and it never goes back."""
+    from notebookops import policy
+
+    built = []
+    real = policy.custom_status
+    monkeypatch.setattr(policy, "custom_status", lambda *a: built.append(a[1]) or real(*a))
+    files = {"nb/quick.ipynb": fake_notebook(polls=2), "nb/long.ipynb": fake_notebook(polls=9)}
+    repo = make_repo(flow_env / "r8", files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
+    with _Rounds(APP_ROOT, flow_env / "state", clock="virtual") as host:
+        instance = deliver(host, body)
+        status = host.wait_for(instance, 60)
+    assert status["output"]["result"] == "succeeded"
+    assert status["customStatus"]["phase"] == "finished"
+    states = [
+        {n["path"]: n["state"] for n in custom.get("notebooks", [])} for _, custom in host.seen
+    ]
+    ended_at = {path: i for i, (ended, _) in enumerate(host.seen) for path in ended}
+    assert set(ended_at) == set(files)
+    for path, index in ended_at.items():
+        # From the episode that saw it end on, the status says so.
+        assert all(s[path] == "succeeded" for s in states[index:])
+        assert all(s.get(path) != "succeeded" for s in states[:index])
+    assert states[ended_at["nb/quick.ipynb"]]["nb/long.ipynb"] == "running"
+    # Not one status per replayed round: at most one per episode that ran a round anew.
+    assert built.count("running") <= len(host.seen)
 
 
 def test_a_state_carried_by_an_older_version_reads_the_same():
@@ -629,9 +725,10 @@ def test_a_generation_started_without_a_round_count_takes_the_ten_rounds_it_was_
     repo = make_repo(flow_env / "r6", files)
     body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=10080)
     new = orchestration_input(parse_request(body), None, [])
-    assert new["roundsPerGeneration"] == policy.ROUNDS_PER_GENERATION == 5
+    assert new["roundsPerGeneration"] == policy.ROUNDS_PER_GENERATION == 2
     old = {k: v for k, v in new.items() if k != "roundsPerGeneration"}
-    for payload, first in ((old, 10), (new, 5)):
+    every = policy.ROUNDS_PER_GENERATION
+    for payload, first in ((old, 10), (new, every)):
         with Generations(APP_ROOT, flow_env / f"state-{first}", clock="virtual") as host:
             instance = host.start_new("OrchestratorFunction", payload)
             status = host.wait_for(instance, 60)
@@ -639,8 +736,8 @@ def test_a_generation_started_without_a_round_count_takes_the_ten_rounds_it_was_
         assert status["runtimeStatus"] == "Completed"
         assert status["output"]["result"] == "succeeded"
         # 23 polls: the first generation takes as many rounds as its input says (its first
-        # round submits, with nothing to poll yet), every later one 5, the last ends with
-        # the run.
+        # round submits, with nothing to poll yet), every later one ROUNDS_PER_GENERATION,
+        # the last ends with the run.
         assert rounds[0] == first - 1
-        assert all(r == 5 for r in rounds[1:-1])
+        assert all(r == every for r in rounds[1:-1])
         assert sum(rounds) == 23
