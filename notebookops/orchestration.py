@@ -16,8 +16,11 @@ from typing import Any
 
 import azure.durable_functions as df
 
-from notebookops import policy, run_events
+from notebookops import policy, run_events, sdk_timestamps
 from notebookops.devops import delivery
+
+# Every replay builds every history event again, each reading its timestamp (see the module).
+sdk_timestamps.install()
 
 # A run event that arrives while no wait for it is open is kept by the SDK (deferred_tasks) and
 # given to the next wait, which is what the rounds expect; the SDK still warns "Potential
