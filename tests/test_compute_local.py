@@ -651,3 +651,39 @@ def test_wait_for_change_sees_a_run_that_ends_just_after_its_state_check(runs_di
     assert ended, "the wait never checked the state it was given"
     assert time.monotonic() - started < 1.0
     assert get_backend("local").status(handle).state == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_run_canceled_while_its_warm_kernel_waits_for_a_worker_never_runs(
+    checkout, runs_dir, tmp_path, monkeypatch
+):
+    """One worker, held by a notebook until the test releases it. The next run warms its
+    kernel and waits for the worker inside papermill (which has already saved an unexecuted
+    copy); canceled there, it ends canceled without an output notebook, its runner and kernel
+    gone and its code never run, and the first notebook finishes normally."""
+    monkeypatch.setenv("NOTEBOOKOPS_LOCAL_WORKERS", "1")
+    started, release, ran = tmp_path / "started", tmp_path / "release", tmp_path / "ran"
+    write_notebook(
+        checkout / "ahead.ipynb",
+        f"import os, time\nopen({str(started)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(release)!r}):\n    time.sleep(0.05)",
+    )
+    write_notebook(checkout / "behind.ipynb", f"open({str(ran)!r}, 'w').close()")
+    backend = get_backend("local")
+    ahead = backend.submit(make_spec(checkout, "ahead.ipynb"))
+    wait_for(started.exists, 60, "the first notebook to start")
+    behind = backend.submit(make_spec(checkout, "behind.ipynb"))
+    files = RunFiles(Path(behind.data["runDir"]))
+    wait_for(lambda: files.kernel_json.exists(), 60, "the second run's kernel")
+    time.sleep(2.0)  # its kernel is ready: papermill waits for the worker
+    assert backend.status(behind).state == "queued"
+    kernel_pid = read_json(files.kernel_json)["pid"]
+    runner_pid = files.runner_pid()
+    backend.cancel(behind)
+    wait_for(lambda: gone(kernel_pid) and gone(runner_pid), 10, "runner and kernel to die")
+    status = backend.status(behind)
+    assert (status.state, status.started_at) == ("canceled", None)
+    assert backend.fetch_output(behind, tmp_path / "behind.ipynb") is None
+    release.touch()
+    assert finish(backend, ahead).state == "succeeded"
+    assert not ran.exists()

@@ -11,10 +11,12 @@ rather than with start-up:
    start 500 kernels), with nothing but the standard library loaded,
 2. chooses the kernel (a missing one fails the run here), starts its kernel from the notebook's own folder and imports papermill while the kernel boots,
    and waits until the kernel answers: this happens while other runs hold the worker slots,
-3. waits for a worker slot (at most `workers` notebooks execute at once) and gives up its standby
-   slot, so the next run starts warming its kernel while this one executes,
-4. runs the notebook with papermill on the warm kernel, writes the verdict to `state.json`, frees
-   its worker slot and only then shuts the kernel down.
+3. hands the warm kernel to papermill, which reads, parameterizes and first saves the notebook;
+   at nbclient's `on_notebook_start` it waits for a worker slot (at most `workers` notebooks
+   execute at once) and gives up its standby slot, so the next run starts warming its kernel
+   while this one executes (Turn),
+4. runs the notebook's cells, frees its worker slot once the last code cell has executed (or one
+   failed), writes the verdict to `state.json` and only then shuts the kernel down.
 
 A warm kernel that fails to start or dies while waiting is replaced by a fresh start (once).
 Kept to the standard library at import time: papermill is imported only in the detached process.
@@ -378,12 +380,87 @@ async def _shutdown(km: Any) -> None:
     await ensure_async(km.cleanup_resources())
 
 
+class NoTurn(Exception):
+    """The run ended (canceled) while it waited for a worker slot: nothing is executed."""
+
+
+class Turn:
+    """The run's hold on a worker slot, taken by papermill's hooks: at nbclient's
+    `on_notebook_start` (papermill has read, parameterized and first saved the notebook while
+    other notebooks still held the slots) and given back when the last code cell has executed
+    or one failed (papermill's last saves and the verdict overlap the next notebook). Its limit
+    counts from the moment it holds the slot with its kernel ready, so neither waiting for a
+    slot nor starting the kernel eats into it."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        files: RunFiles,
+        abort: Abort,
+        standby: int,
+        send_event_url: str | None,
+    ) -> None:
+        self.config, self.files, self.abort = config, files, abort
+        self.standby: int | None = standby
+        self.send_event_url = send_event_url
+        self.slot: int | None = None
+        self.began = False
+        self.last_code_cell: int | None = None
+        self.timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def begin(self, notebook: Any = None, **_: Any) -> None:
+        """nbclient's on_notebook_start (again on papermill's retry: held once)."""
+        if notebook is not None:
+            code = [i for i, c in enumerate(notebook.cells) if c.get("cell_type") == "code"]
+            self.last_code_cell = code[-1] if code else None
+        if self.began:
+            return
+        runs_root, workers = Path(self.config["runsRoot"]), int(self.config["workers"])
+        self.slot = _acquire_slot(runs_root / SLOTS_DIR, workers, self.abort, max_delay=0.01)
+        if self.standby is not None:
+            os.close(self.standby)  # the next queued run may warm its kernel meanwhile
+            self.standby = None
+        if self.slot is None or not self.files.mark_running():
+            self.release()
+            raise NoTurn("the run ended while it waited for a worker")
+        self.began = True
+        announce_start(self.files, self.send_event_url)
+        timeout = self.config.get("timeoutSeconds")
+        if timeout:
+            limit = limit_text(float(timeout))
+            self.timer = threading.Timer(float(timeout), self.abort.trigger, (TIMED_OUT, limit))
+            self.timer.daemon = True
+            self.timer.start()
+
+    def cell_executed(self, cell_index: int | None = None, **_: Any) -> None:
+        """nbclient's on_cell_executed: after the last code cell the notebook's own code is
+        done (papermill's saves and the verdict remain)."""
+        if cell_index is not None and cell_index == self.last_code_cell:
+            self.release()
+
+    def cell_failed(self, **_: Any) -> None:
+        """nbclient's on_cell_error: papermill runs no further cell."""
+        self.release()
+
+    def release(self) -> None:
+        with self._lock:
+            slot, self.slot = self.slot, None
+        if slot is not None:
+            os.close(slot)
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
 def _execute(
-    config: dict[str, Any], files: RunFiles, abort: Abort, km: Any | None
+    config: dict[str, Any], files: RunFiles, abort: Abort, km: Any | None, turn: Turn
 ) -> BaseException | None:
     """Run the notebook on the warm kernel `km`, or on a kernel papermill starts (when `km` is
-    None, the warm start already failed once). A kernel that fails to start or dies before the
-    first cell is replaced once. Returns the failure, if any."""
+    None, the warm start already failed once), in its `turn` for a worker slot. A kernel that
+    fails to start or dies before the first cell is replaced once. Returns the failure, if
+    any."""
     import papermill  # already loaded by _preload
     from zmq.error import ZMQBaseError
 
@@ -402,6 +479,10 @@ def _execute(
             {"km": km} if attempt == 1 else {"kernel_manager_class": _kernel_manager_class(abort)}
         )
         try:
+            if attempt == 2:
+                # papermill starts this kernel inside the turn, as before the hooks: a start
+                # that hangs meets the notebook's limit.
+                turn.begin()
             papermill.execute_notebook(
                 str(source),
                 str(output),
@@ -411,10 +492,15 @@ def _execute(
                 progress_bar=False,
                 log_output=False,
                 start_timeout=KERNEL_START_TIMEOUT_SECONDS,
+                on_notebook_start=turn.begin,
                 on_cell_start=on_cell_start,
+                on_cell_executed=turn.cell_executed,
+                on_cell_error=turn.cell_failed,
                 **kernel,
             )
             return None
+        except NoTurn as exc:
+            return exc
         except start_failures as exc:
             if cell_started.is_set() or abort.reason is not None or attempt == 2:
                 return exc
@@ -604,26 +690,16 @@ def run(run_dir: Path, send_event_url: str | None = None) -> int:
         # The one retry happens here too, while the run is still queued: a kernel start is
         # not the notebook's execution and must not eat into its limit.
         km = _warm_kernel(config, files, abort)
-    slot = _acquire_slot(runs_root / SLOTS_DIR, workers, abort, max_delay=0.01)
-    os.close(standby)  # the next queued run may warm its kernel while this one executes
-    if slot is None or not files.mark_running():
-        abort.kill_kernel()
-        return 0
-    announce_start(files, send_event_url)
-    # The limit counts from here: the run holds a worker slot and its kernel is ready, so
-    # neither waiting for a slot nor starting the kernel eats into it.
-    timeout = config.get("timeoutSeconds")
-    timer = None
-    if timeout:
-        limit = limit_text(float(timeout))
-        timer = threading.Timer(float(timeout), abort.trigger, args=(TIMED_OUT, limit))
-        timer.daemon = True
-        timer.start()
-    failure = _execute(config, files, abort, km)
-    if timer is not None:
-        timer.cancel()
-
+    turn = Turn(config, files, abort, standby, send_event_url)
+    failure = _execute(config, files, abort, km, turn)
+    turn.stop_timer()
     output = files.output_path(config["notebook"])
+    if not turn.began:  # canceled while it waited for a worker: it never ran
+        abort.kill_kernel()
+        if isinstance(failure, NoTurn):
+            output.unlink(missing_ok=True)  # papermill's unexecuted copy, not an output
+            return 0
+
     committed = _read_committed(files.work / config["notebook"])
     if abort.reason is not None:
         _ensure_partial_output(files.work / config["notebook"], output)
@@ -640,7 +716,7 @@ def run(run_dir: Path, send_event_url: str | None = None) -> int:
             files.finalize(SUCCEEDED)
         else:
             files.finalize(FAILED, f"{error.ename}: {error.evalue}", error.to_dict())
-    os.close(slot)  # the verdict is on disk: the next notebook may start now
+    turn.release()  # if the last cell did not already
     announce_end(files, send_event_url)  # before the kernel's shutdown, which may take seconds
     if km is not None and abort.reason is None:
         # Like papermill: ask the kernel to exit (it may flush files), bounded; then kill.
