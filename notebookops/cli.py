@@ -207,13 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
-        # The render worker needs about a second of CPU before its first page, and a
-        # one-notebook run ends about two seconds from here: start it before the parser,
-        # whose serve arguments import devhost (a quarter of a second).
-        from notebookops import render
-
-        render.prewarm()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -149,10 +149,8 @@ def run(
     rerun: bool = False,
     app: str | None = None,
 ) -> int:
-    from devhost import Host
-    from notebookops.report import junit_xml, summary_table
+    from notebookops import render
     from notebookops.request import inspect_message
-    from notebookops.starter import instance_id_for
 
     body = read_message_file(body_path)
     state_dir = Path(state) if state else Path(tempfile.mkdtemp(prefix="notebookops-"))
@@ -162,6 +160,8 @@ def run(
     out = Path(out_dir)
     request, callback, errors = inspect_message(body, properties=properties, allow_local_repos=True)
     if errors:
+        from notebookops.report import junit_xml
+
         for error in errors:
             print(error, file=sys.stderr)
         summary = invalid_request_summary(body, errors)
@@ -170,12 +170,22 @@ def run(
         if not state:
             shutil.rmtree(state_dir, ignore_errors=True)
         return EXIT_INVALID
-    pool = _prewarm(request)
-    # The monitor renders every backend's finished notebooks here: the render worker warms up
-    # while the app starts and clones (the command's main() started it already).
-    from notebookops import render
+    # Kernels first, then the app's imports (devhost, the durable SDK): the kernels boot
+    # meanwhile.
+    pool, one_wave = _prewarm(request)
+    # The monitor renders every backend's finished notebook, in the render worker once it has
+    # paid nbconvert's second of CPU. When every notebook runs at once, the first page is due
+    # right after start-up: the worker starts now. Otherwise it starts once the first notebook
+    # runs (in _follow): started now, it would take that CPU from the clone, the submits and
+    # the first kernels (about 0.4 s of an 8 x 1 s run on 2 CPUs), and submit's own prewarm
+    # would come just as early.
+    render.hold_prewarm()
+    if one_wave:
+        render.prewarm(now=True)
+    from devhost import Host
+    from notebookops.report import junit_xml, summary_table
+    from notebookops.starter import instance_id_for
 
-    render.prewarm()
     # With --state the same command finds the same instance again (resume); without it the
     # state is thrown away, so a fresh id is as good as any.
     message_id = resume_message_id(body, properties, state_dir) if state else uuid.uuid4().hex
@@ -249,23 +259,27 @@ def run(
     return EXIT_OK if summary["result"] in ("succeeded", "succeededWithIssues") else EXIT_FAILED
 
 
-def _prewarm(request: Any) -> Any:
-    """Kernels for the first notebooks, started now, while the app starts and clones."""
-    if request.compute.backend != "local" or request.compute.python:
-        return None
+def _prewarm(request: Any) -> tuple[Any, bool]:
+    """Kernels for the first notebooks, started now, while the app starts and clones; and
+    whether every notebook runs in the first wave (no more of them than workers)."""
+    if request.compute.backend != "local":
+        return None, False
     from notebookops.compute.local import LocalBackend
 
     try:
         backend = LocalBackend()
     except Exception:  # the backend reports its own problem at submit; nothing to warm
-        return None
+        return None, False
     has_glob = any(set("*?[") & set(entry.path) for entry in request.notebooks)
+    one_wave = not has_glob and len(request.notebooks) <= backend.workers
+    if request.compute.python:
+        return None, one_wave
     count = backend.workers if has_glob else len(request.notebooks)
     try:
-        return backend.prewarm(count, request.compute.kernel or "python3")
+        return backend.prewarm(count, request.compute.kernel or "python3"), one_wave
     except (OSError, subprocess.SubprocessError) as exc:  # only a head start: run without it
         print(f"kernels not prewarmed: {exc}", file=sys.stderr)
-        return None
+        return None, one_wave
 
 
 def resume_message_id(body: bytes, properties: dict[str, Any] | None, state_dir: Path) -> str:
@@ -370,11 +384,23 @@ def callback_outcome(callback: dict[str, Any]) -> str:
     )
 
 
+def _any_started(custom: Any) -> bool:
+    notebooks = custom.get("notebooks") if isinstance(custom, dict) else None
+    return any(
+        isinstance(n, dict) and n.get("state") not in (None, "queued", "notStarted")
+        for n in notebooks or []
+    )
+
+
 def _follow(host: Any, instance_id: str, progress: Progress) -> dict[str, Any]:
+    from notebookops import render
+
     while True:
         status = host.get_status(instance_id)
         if status:
             progress.update(status.get("customStatus"))
+            if _any_started(status.get("customStatus")):
+                render.prewarm(now=True)  # once per process: the first page is due soon
             if status["runtimeStatus"] in TERMINAL:
                 return status
         # Woken by the next change (its progress line shows at once), and polled anyway: a

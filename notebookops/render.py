@@ -8,10 +8,11 @@ process knows, and written beside the notebook.
 it writes `<name>.html` beside `<name>.ipynb` and returns the per-cell timing for the summary.
 Rendering is best effort: a notebook nbconvert cannot render still gets its verdict.
 
-`prewarm` (called by submit, and by `notebookops run` as soon as it starts) starts
-a render worker process (notebookops.render_worker) that pays nbconvert's start-up on another
-core while the notebooks run; pages are then rendered there. Without it, or once it is gone,
-pages are rendered in this process, the same pages.
+`prewarm` (called by submit) starts a render worker process (notebookops.render_worker) that
+pays nbconvert's start-up on another core while the notebooks run; pages are then rendered
+there. Without it, or once it is gone, pages are rendered in this process, the same pages.
+`notebookops run` chooses the moment itself (`hold_prewarm`): the worker's second of CPU must
+not compete with the clone, the submits and the first kernels.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()  # one page at a time: one exporter, or one worker's pipe
 _worker: list[Any] = []  # the render worker, once prewarm started one
+_held: list[bool] = []  # hold_prewarm was called: prewarm() starts nothing, prewarm(now=True) does
 
 
 def html_path_for(ipynb: Path) -> Path:
@@ -36,9 +38,17 @@ def html_path_for(ipynb: Path) -> Path:
     return ipynb.with_suffix(".html")
 
 
-def prewarm() -> None:
+def hold_prewarm() -> None:
+    """From now on only `prewarm(now=True)` starts the worker: the caller knows better than
+    submit when the CPUs are free for it."""
+    _held.append(True)
+
+
+def prewarm(*, now: bool = False) -> None:
     """Start the render worker, once per process; returns at once (the worker warms up on its
     own, and the first page waits for it only if it is not ready by then)."""
+    if _held and not now:
+        return
     from notebookops.render_worker import Worker
 
     with _lock:

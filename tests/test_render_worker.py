@@ -69,6 +69,7 @@ def worker():
 def fresh_render(monkeypatch):
     """notebookops.render as a process that has not prewarmed: no worker yet."""
     monkeypatch.setattr(render, "_worker", [])
+    monkeypatch.setattr(render, "_held", [])
     yield render
     for started in render._worker:
         if started is not None:
@@ -241,6 +242,16 @@ def _gone(pid: int, seconds: float = 60.0) -> bool:
 def test_prewarm_starts_one_worker_however_often_it_is_called(fresh_render):
     fresh_render.prewarm()
     fresh_render.prewarm()  # a second submit starts nothing more
+    assert len(fresh_render._worker) == 1 and fresh_render._worker[0].pid
+
+
+def test_a_held_prewarm_waits_for_the_caller_that_holds_it(fresh_render):
+    """`notebookops run` holds the prewarm: submit's call starts no worker (its second of CPU
+    would compete with the first kernels); the command's own call, once a notebook runs, does."""
+    fresh_render.hold_prewarm()
+    fresh_render.prewarm()
+    assert fresh_render._worker == []
+    fresh_render.prewarm(now=True)
     assert len(fresh_render._worker) == 1 and fresh_render._worker[0].pid
 
 
