@@ -46,7 +46,12 @@ def _message(repo: Path, notebooks: list[str], folder: Path, max_parallel: int) 
     return path
 
 
-def _ours(body: Path, out: Path, workers: int, env: dict[str, str]) -> float:
+def _ours(
+    body: Path, out: Path, workers: int, env: dict[str, str], slow_after: float | None = None
+) -> float:
+    """One `notebookops run`; past `slow_after` seconds its progress lines are printed (when
+    each notebook's start and end were seen says whether a runner or the orchestration
+    stalled)."""
     if out.exists():
         shutil.rmtree(out)
     elapsed, proc = run_cmd(
@@ -67,6 +72,11 @@ def _ours(body: Path, out: Path, workers: int, env: dict[str, str]) -> float:
     summary = json.loads((out / "summary.json").read_text())
     if summary["result"] != "succeeded":
         raise RuntimeError(f"notebookops run did not succeed:\n{proc.stdout[-3000:]}")
+    if slow_after is not None and elapsed > slow_after:
+        print(f"  slow run ({elapsed:.2f} s); what it printed:", flush=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("["):  # the timed progress lines
+                print(f"    {line}", flush=True)
     return elapsed
 
 
@@ -145,7 +155,8 @@ def run_throughput(
             k: [] for k in ("ours2", "nbmake2", "kernel", "loop", "ours1")
         }
         for i in range(rounds):
-            runs["ours2"].append(_ours(body, root / "out", workers, env))
+            slow = 2 * min(runs["ours2"]) if runs["ours2"] else None
+            runs["ours2"].append(_ours(body, root / "out", workers, env, slow_after=slow))
             runs["nbmake2"].append(_nbmake(paths, workers, root))
             runs["kernel"].append(kernel_start(env, root))
             if i < loop_rounds:
