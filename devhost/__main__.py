@@ -8,10 +8,6 @@ import signal
 import sys
 import threading
 
-from .app import AppIndexError
-from .host import Host
-from .store import StateError
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m devhost", description=__doc__)
@@ -43,6 +39,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, default_app: str | N
 
 
 def run_server(app_dir: str, args: argparse.Namespace) -> int:
+    from .app import AppIndexError
+    from .host import Host
+    from .store import StateError
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
