@@ -147,13 +147,19 @@ def _fork_runner(
 
     files = RunFiles(run_dir)
     log = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # The pid is recorded once the runner leads its own process group (as the kernel server
+    # does for kernels): a cancel that kills the group in between would miss it.
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the runner
         code = 1
         try:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the runner waits for its children
             conn.close()
+            os.close(ready_r)
             os.setsid()
+            os.write(ready_w, b"1")
+            os.close(ready_w)
             os.dup2(log, 1)
             os.dup2(log, 2)
             os.close(log)
@@ -164,6 +170,11 @@ def _fork_runner(
         finally:
             os._exit(code)
     os.close(log)
+    os.close(ready_w)
+    try:
+        os.read(ready_r, 1)  # b"" when the child died first: its pid is still the answer
+    finally:
+        os.close(ready_r)
     files.record_runner(pid)
     return pid
 
