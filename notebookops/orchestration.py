@@ -44,7 +44,7 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
     payload = context.get_input() or {}
     state = payload.get("state")
     if state is not None:
-        state = policy.unpack(state)
+        state = policy.unpack(policy.carried(state))
     reported = False
     try:
         if state is None:
@@ -220,7 +220,7 @@ def _run_rounds(
 
 
 def _next_generation(state: dict[str, Any]) -> dict[str, Any]:
-    return {"state": policy.pack(state), "roundsPerGeneration": policy.ROUNDS_PER_GENERATION}
+    return {"state": policy.carry(state), "roundsPerGeneration": policy.ROUNDS_PER_GENERATION}
 
 
 def _read_events(

@@ -455,15 +455,38 @@ def test_the_token_never_reaches_durable_state_status_or_output(flow_env, repo, 
         instance = deliver(host, body, properties=CALLBACK)
         status = host.wait_for(instance, 60)
         full = host.get_status(instance, show_history=True, show_history_output=True)
+        carried = _carried_states(host, instance)
         db_bytes = (flow_env / "state" / "devhost.sqlite3").read_bytes()
         wal = flow_env / "state" / "devhost.sqlite3-wal"
         db_bytes += wal.read_bytes() if wal.exists() else b""
     assert status["output"]["result"] == "failed"
     assert token not in json.dumps(full)
     assert token.encode() not in db_bytes
+    # The state continue_as_new carries is compressed: read, it holds the sealed token only.
+    assert carried and all(token not in json.dumps(c) for c in carried)
+    assert all(c["auth"] and c["auth"] != token for c in carried)
     assert token not in caplog.text
     outputs = "".join(p.read_text() for p in (flow_env / "outputs").rglob("*") if p.is_file())
     assert token not in outputs
+
+
+def _carried_states(host, instance):
+    """Every state a generation of the instance was given or handed on, read (policy.carried)."""
+    from notebookops import policy
+
+    with host.store.read() as db:
+        rows = db.execute(
+            "SELECT event FROM history WHERE instance_id=? ORDER BY seq", (instance,)
+        ).fetchall()
+    inputs = [host.get_status(instance)["input"]]
+    for (text,) in rows:
+        event = json.loads(text)
+        text = event.get("Input") if event["EventType"] == EXECUTION_STARTED else None
+        if event["EventType"] == CONTINUE_AS_NEW:
+            text = event.get("Result")  # devhost and DTFx keep its input there
+        if text:
+            inputs.append(json.loads(text))
+    return [policy.carried(i["state"]) for i in inputs if isinstance(i, dict) and i.get("state")]
 
 
 def test_activity_out_of_retries_still_reports_a_failed_summary(flow_env, repo, monkeypatch):
@@ -526,6 +549,7 @@ def test_each_generation_carries_a_small_state_and_each_round_a_small_monitor_in
     state continue_as_new carries, and a monitor input names each run by its handle without
     the portal link; the summary still has everything."""
     from devhost.events import TASK_SCHEDULED
+    from notebookops import policy
 
     files = {"nb/quick.ipynb": fake_notebook(polls=2), "nb/long.ipynb": fake_notebook(polls=25)}
     repo = make_repo(flow_env / "r5", files)
@@ -543,7 +567,7 @@ def test_each_generation_carries_a_small_state_and_each_round_a_small_monitor_in
     assert status["output"]["result"] == "succeeded"
     assert started["Generation"] >= 1
     payload = json.loads(started["Input"])
-    by_path = {n["path"]: n for n in payload["state"]["notebooks"]}
+    by_path = {n["path"]: n for n in policy.carried(payload["state"])["notebooks"]}
     quick, long = by_path["nb/quick.ipynb"], by_path["nb/long.ipynb"]
     assert quick["state"] == "succeeded" and "handle" not in quick
     assert long["state"] == "running" and "portalUrl" not in long["handle"]
@@ -687,6 +711,67 @@ def test_a_state_carried_by_an_older_version_reads_the_same():
     assert again["notebooks"][1] == old["notebooks"][1]
     assert policy.summary(again, now) == policy.summary(old, now)
     assert policy.cancellations(again, now) == policy.cancellations(old, now) == []
+
+
+def test_the_carried_state_is_compressed_and_reads_back_as_packed():
+    """continue_as_new carries pack(state) as compressed text (every episode receives it twice,
+    and the host and the SDK pay per character); it reads back as the packed state, and an
+    older version's input, which carried that JSON object as it was, reads the same."""
+    from datetime import UTC, datetime
+
+    from notebookops import policy
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    paths = [f"nb/n{i:03d}.ipynb" for i in range(500)]
+    state = policy.new_state(
+        instance_id="i1", request={"notebooks": paths}, auth="sealed", started_at=now
+    )
+    policy.add_notebooks(
+        state,
+        {
+            "commit": "c" * 40,
+            "notebooks": [{"path": p, "entryIndex": i} for i, p in enumerate(paths)],
+        },
+    )
+    for i, entry in enumerate(state["notebooks"]):
+        handle = {"backend": "fake", "runId": f"r-{i}", "portalUrl": f"https://fake/r-{i}"}
+        policy.mark_submitted(entry, {"ok": True, "handle": handle}, now)
+    policy.apply_monitor(state, [{"path": p, "state": "running"} for p in paths[:250]], now)
+    policy.apply_monitor(state, [{"path": "nb/n000.ipynb", "state": "succeeded"}], now)
+    packed = json.loads(json.dumps(policy.pack(state)))
+    text = policy.carry(state)
+    assert isinstance(text, str) and len(text) < 0.2 * len(json.dumps(packed))
+    assert policy.carried(json.loads(json.dumps(text))) == packed
+    assert policy.carried(packed) is packed  # an older version's input
+    assert policy.unpack(policy.carried(text)) == policy.unpack(packed)
+    with pytest.raises(ValueError):
+        policy.carried("not base64 at all!")
+
+
+def test_a_run_whose_generations_carried_the_state_uncompressed_goes_on_the_same(
+    flow_env, monkeypatch
+):
+    """A generation started by the version before compression (its input holds the packed state
+    as a JSON object) goes on on this one: the run ends as a run carried compressed ends."""
+    from notebookops import policy
+
+    files = {"nb/quick.ipynb": fake_notebook(polls=2), "nb/long.ipynb": fake_notebook(polls=9)}
+    repo = make_repo(flow_env / "r9", files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
+    outputs = []
+    for label, carry in (("object", policy.pack), ("text", policy.carry)):
+        monkeypatch.setattr(policy, "carry", carry)
+        FakeBackend.reset()
+        with app_host(flow_env / f"state-{label}") as host:
+            instance = deliver(host, body, message_id="m1")  # the same instance id
+            status = host.wait_for(instance, 60)
+            started = next(e for e in host.history(instance) if e["EventType"] == EXECUTION_STARTED)
+        carried = json.loads(started["Input"])["state"]
+        assert isinstance(carried, dict if label == "object" else str)
+        assert started["Generation"] >= 2
+        outputs.append(status["output"])
+    assert outputs[0]["result"] == "succeeded"
+    assert outputs[0] == outputs[1]
 
 
 def test_a_generation_started_without_a_round_count_takes_the_ten_rounds_it_was_started_with(
