@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from notebookops.compute.base import TERMINAL_STATES, parse_iso
 
 PENDING = "pending"  # not submitted yet (waiting for a maxParallel slot)
@@ -148,16 +150,17 @@ CARRIED_LEVEL = 1
 
 
 def carry(state: dict[str, Any]) -> str:
-    """The state as the next generation's input carries it: pack(state), compressed."""
-    text = json.dumps(pack(state), separators=(",", ":"), ensure_ascii=False)
-    return base64.b64encode(zlib.compress(text.encode("utf-8"), CARRIED_LEVEL)).decode("ascii")
+    """The state as the next generation's input carries it: pack(state), compressed (orjson
+    writes and reads it several times faster than json; it is read by every episode)."""
+    text = orjson.dumps(pack(state))
+    return base64.b64encode(zlib.compress(text, CARRIED_LEVEL)).decode("ascii")
 
 
 def carried(value: str | dict[str, Any]) -> dict[str, Any]:
     """The packed state an input carries: carry()'s text, or the JSON object an older version
     carried as it was."""
     if isinstance(value, str):
-        return json.loads(zlib.decompress(base64.b64decode(value, validate=True)))
+        return orjson.loads(zlib.decompress(base64.b64decode(value, validate=True)))
     return value
 
 
