@@ -63,7 +63,8 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
         reporting = state.get("finishedAt") is not None  # a generation that only delivers
         if not reporting and not state["errors"] and not state["canceledByPipeline"]:
             rounds = payload.get("roundsPerGeneration")
-            finished = yield from _run_rounds(context, state, rounds)
+            opens = bool(payload.get("opensEventWaits"))
+            finished = yield from _run_rounds(context, state, rounds, opens)
             if not finished:
                 return None  # continued as new; the next generation goes on
             yield from cancel_orphans(context, state, final=True)
@@ -153,7 +154,10 @@ EVENT_WAITS = 8
 
 
 def _run_rounds(
-    context: df.DurableOrchestrationContext, state: dict[str, Any], rounds: Any = None
+    context: df.DurableOrchestrationContext,
+    state: dict[str, Any],
+    rounds: Any = None,
+    opens_waits: bool = False,
 ) -> Generator:
     """Returns True when every notebook is finished, False after continue_as_new, which comes
     after policy.generation_rounds rounds (`rounds`: what this generation's input names).
@@ -166,12 +170,30 @@ def _run_rounds(
     same batch as the generation's last step is dropped with it (the SDK cannot preserve it):
     a backend whose polls cost nothing has every run polled when the next generation starts;
     elsewhere such an event, like Event Grid's own losses or an overflow of EVENT_WAITS + 1 in
-    one round, leaves its run to its safety poll."""
+    one round, leaves its run to its safety poll.
+
+    The SDK registers a wait only once it is yielded, and of the events that come while none
+    is registered it keeps only the last. So a generation whose input says `opensEventWaits`
+    (every one started by this version) first races its waits against a timer due at once:
+    the events of its first round then fill them, where all but the last were lost (ends
+    announced during that round waited for their safety poll). One timer and one episode
+    more per generation; generations started without it replay as they were started. The
+    first generation learns that the backend pushes only from its submits; where polls cost
+    nothing, the round after its first race reads every run."""
     policy.mark_ready(state, context.current_utc_datetime)
     waits: list[Task] = []
     named: set[str] = set(state.pop("pollFirst", None) or [])
     if policy.polls_all_each_generation(state):
         named |= {n["path"] for n in policy.active(state)}
+    if opens_waits and policy.pushing(state):
+        waits = [context.wait_for_external_event(run_events.EVENT_NAME) for _ in range(EVENT_WAITS)]
+        opener = context.create_timer(context.current_utc_datetime)
+        winner = yield context.task_any([opener, *waits])
+        if winner is not opener:
+            opener.cancel()
+        arrived, waits = _read_events(context, state, waits)
+        named |= arrived
+    opened = bool(waits) or not opens_waits
     taken = 0
     while taken < policy.generation_rounds(rounds, state):
         taken += 1
@@ -211,6 +233,13 @@ def _run_rounds(
         if winner is not timer:
             timer.cancel()
             named, waits = _read_events(context, state, waits)
+        if not opened:
+            # The first generation learns that the backend pushes from its submits, so its
+            # waits open only now: of the events its runs sent before, the SDK kept the last.
+            # Where polls cost nothing, the next round reads every run instead.
+            opened = True
+            if policy.polls_all_each_generation(state):
+                named |= {n["path"] for n in policy.active(state)}
     if policy.pushing(state):
         # The last race's events, and those that came while its round ran.
         arrived, waits = _read_events(context, state, waits)
@@ -220,7 +249,11 @@ def _run_rounds(
 
 
 def _next_generation(state: dict[str, Any]) -> dict[str, Any]:
-    return {"state": policy.carry(state), "roundsPerGeneration": policy.ROUNDS_PER_GENERATION}
+    return {
+        "state": policy.carry(state),
+        "roundsPerGeneration": policy.ROUNDS_PER_GENERATION,
+        "opensEventWaits": True,
+    }
 
 
 def _read_events(

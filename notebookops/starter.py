@@ -56,6 +56,7 @@ def orchestration_input(request: Any, callback: Callback | None, errors: list[st
     if errors:
         payload["errors"] = [f"invalid request: {e}" for e in errors]
     payload["roundsPerGeneration"] = policy.ROUNDS_PER_GENERATION
+    payload["opensEventWaits"] = True  # see orchestration._run_rounds
     return payload
 
 

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 
 import pytest
 
@@ -391,17 +392,22 @@ def test_a_local_run_is_picked_up_by_its_runners_events_not_by_a_poll(
         run_key(instance, "env.ipynb"): "succeeded",
         run_key(instance, "fail.ipynb"): "failed",
     }
-    # Every monitor round after the submits polled only runs an event had named before it.
-    named: set[str] = set()
+    # Every monitor round after the submits was woken by an event, none by a timer, and read
+    # only our runs: those events named, and (status reads are free here) the runs last seen
+    # running or, after the first race, every run (policy.to_poll, orchestration._run_rounds).
+    events_since = 0
     monitors = 0
     for event in history:
         if event.get("EventType") == EVENT_RAISED:
             payload = json.loads(event["Input"])
             payload = json.loads(payload) if isinstance(payload, str) else payload
-            named.add(keys[payload["runId"]])
+            assert payload["runId"] in keys
+            events_since += 1
         elif event.get("EventType") == TASK_SCHEDULED and event.get("Name") == "ActivityMonitor":
             polled = {r["path"] for r in json.loads(event["Input"])["runs"]}
-            assert polled and polled <= named, (polled, named)
+            assert polled and polled <= set(states), polled
+            assert events_since, "a monitor round that no event woke"
+            events_since = 0
             monitors += 1
     assert monitors >= 2
     # The key: nowhere on disk under the test's folders, in no log record, status or output.
@@ -508,14 +514,14 @@ def _send_event_url(host, instance: str) -> str:
 
 class GatedOwnEnds(PushingFake):
     """The fake announcing its own ends, as the local backend does (every generation's first
-    round polls every run), whose status read of `gate_run` blocks once, on its
-    `gate_at`-th read, until the test has raised its events."""
+    round polls every run); it counts status reads per run, and its read of `gate_run`
+    blocks once, on its `gate_at`-th read, until the test has raised its events."""
 
     announces_own_ends = True
     safety_poll_seconds = 3600.0
     gate_run: str | None = None
     gate_at = 2
-    reads = 0
+    reads: ClassVar[dict[str, int]] = {}
     entered = threading.Event()
     release = threading.Event()
 
@@ -523,73 +529,81 @@ class GatedOwnEnds(PushingFake):
         return super().submit(spec)
 
     def status(self, handle):
-        if handle.run_id == type(self).gate_run:
-            type(self).reads += 1
-            if type(self).reads == type(self).gate_at:
-                type(self).entered.set()
-                type(self).release.wait(30)
+        cls = type(self)
+        cls.reads[handle.run_id] = cls.reads.get(handle.run_id, 0) + 1
+        if handle.run_id == cls.gate_run and cls.reads[handle.run_id] == cls.gate_at:
+            cls.entered.set()
+            cls.release.wait(30)
         return super().status(handle)
 
 
+def _start_and_end(run_key: str) -> None:
+    """A run still queued at its last read starts and ends on the service."""
+    with FakeBackend.lock:
+        run = FakeBackend.runs[run_key]
+        run["queued"], run["need"], run["outcome"] = 0, run["polls"] + 1, "succeeded"
+
+
 @pytest.mark.slow
-def test_ends_announced_during_a_generations_first_round_are_all_seen(
+def test_runs_that_start_and_end_during_a_generations_first_round_are_all_seen(
     flow_env,  # noqa: F811 - the fixture
     monkeypatch,
 ):
-    """Two runs end while the first round of a new generation is still reading statuses, and
-    both ends are announced then (as runners do, through the send-event URL): both are seen
-    at once, not at the hour-long safety poll. No event wait is open during that round, and
-    the SDK keeps only the last event that finds none: where polls cost nothing, the round
-    that event wakes polls every run last seen running too (before, only the run it named)."""
+    """Two queued runs start and end while the first round of a new generation is still
+    reading statuses, and announce both (as runners do, through the send-event URL, the
+    start and end of a short notebook within milliseconds): both are seen at once, not at the
+    hour-long safety poll. The SDK registers a wait only once it is yielded and keeps only
+    the last event that finds none; before each generation opened its waits first, all but
+    one of these runs waited for their safety poll."""
     from notebookops import policy
     from notebookops.compute import registry
 
     monkeypatch.setitem(registry._factories, "fake", GatedOwnEnds)
     monkeypatch.setenv(run_events.EVENTS_SETTING, "1")
-    GatedOwnEnds.reads = 0
+    GatedOwnEnds.reads = {}
     GatedOwnEnds.entered.clear()
     GatedOwnEnds.release.clear()
     paths = ["a.ipynb", "b.ipynb", "c.ipynb"]
-    repo = make_repo(flow_env / "repo", {p: fake_notebook(polls=-1) for p in paths})
+    # Queued until the test says otherwise.
+    notebooks = {p: fake_notebook(polls=-1, queuedPolls=-1) for p in paths}
+    repo = make_repo(flow_env / "repo", notebooks)
     body = message(repo, paths, compute={"backend": "fake"})
     with app_host(flow_env / "state", clock="real") as host:
         instance = deliver(host, body)
         a_key, b_key, c_key = (run_key(instance, p) for p in paths)
         GatedOwnEnds.gate_run = c_key  # read last in a round that polls all three
+        url = _send_event_url(host, instance)
 
         def states():
             custom = (host.get_status(instance) or {}).get("customStatus") or {}
             return {n["path"]: n["state"] for n in custom.get("notebooks", [])}
 
-        _wait(lambda: states() and set(states().values()) <= {"queued", "running"})
-        with FakeBackend.lock:
-            assert {a_key, b_key, c_key} <= set(FakeBackend.runs)
-        # Starts announced for `a` (a start names its run too) drive one round each until the generation ends; the next
-        # generation's first round polls all three and blocks on `c`.
+        _wait(lambda: set(states().values()) == {"queued"})
+        # Events naming `b` (still queued) drive one round each until the generation ends;
+        # the next generation's first round polls all three and blocks on `c`.
         for _ in range(4 * policy.EVENT_ROUNDS_PER_GENERATION):
             if GatedOwnEnds.entered.is_set():
                 break
-            polls = _status_polls(a_key)
-            assert (
-                run_events.post_run_status(_send_event_url(host, instance), a_key, "running")
-                is None
+            reads = GatedOwnEnds.reads.get(b_key, 0)
+            assert run_events.post_run_status(url, b_key, "running") is None
+            _wait(
+                lambda r=reads: (
+                    GatedOwnEnds.reads.get(b_key, 0) > r or GatedOwnEnds.entered.is_set()
+                )
             )
-            _wait(lambda p=polls: _status_polls(a_key) > p or GatedOwnEnds.entered.is_set())
         assert GatedOwnEnds.entered.is_set(), "no new generation polled every run"
-        # a and b were read as running in this round; they end now and are announced.
-        _end(a_key)
-        _end(b_key)
+        # a and b were read as queued in this round; they start, end and say so now.
         started = time.monotonic()
-        url = _send_event_url(host, instance)
-        assert run_events.post_run_status(url, a_key, "succeeded") is None
-        assert run_events.post_run_status(url, b_key, "succeeded") is None
-        time.sleep(0.5)  # both events are in before the round ends
+        for key in (a_key, b_key):
+            _start_and_end(key)
+            assert run_events.post_run_status(url, key, "running") is None
+            assert run_events.post_run_status(url, key, "succeeded") is None
+        time.sleep(0.5)  # the events are in before the round ends
         GatedOwnEnds.release.set()
-        seen = _wait(lambda: states().get("a.ipynb") == states().get("b.ipynb") == "succeeded", 20)
+        _wait(lambda: states().get("a.ipynb") == states().get("b.ipynb") == "succeeded", 20)
         seen_after = time.monotonic() - started
-        _end(c_key)
+        _start_and_end(c_key)
         assert run_events.post_run_status(url, c_key, "succeeded") is None
         result = host.wait_for(instance, timeout=60)
-    assert seen, "an end announced during the first round was lost"
     assert seen_after < 15
     assert result["output"]["result"] == "succeeded"
