@@ -57,7 +57,8 @@ def orchestrator(context: df.DurableOrchestrationContext) -> Generator[Task, Any
             if payload.get("errors"):
                 state["errors"] = list(payload["errors"])
             else:
-                context.set_custom_status(policy.custom_status(state, "cloning"))
+                if not context.is_replaying:  # later episodes replay it: see _show_running
+                    context.set_custom_status(policy.custom_status(state, "cloning"))
                 yield from _clone(context, state)
             yield from _started(context, state)
         reporting = state.get("finishedAt") is not None  # a generation that only delivers
@@ -233,6 +234,11 @@ def _run_rounds(
         if winner is not timer:
             timer.cancel()
             named, waits = _read_events(context, state, waits)
+            if not waits and policy.polls_all_each_generation(state):
+                # Every wait was filled, so later events of the burst found none and only the
+                # last was kept (short notebooks send two each): where polls cost nothing, the
+                # next round reads every run.
+                named |= {n["path"] for n in policy.active(state)}
         if not opened:
             # The first generation learns that the backend pushes from its submits, so its
             # waits open only now: of the events its runs sent before, the SDK kept the last.
