@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,30 @@ def test_one_failing_cell_has_one_number_in_every_text_a_person_reads(tmp_path):
     assert junit.find("testsuite/testcase/failure").get("message") == "ValueError: bad (cell 3)"
     traceback = failed["error"]["traceback"]
     assert "In[" in traceback and "In[3]" not in traceback  # the execution count, as Jupyter's
+
+
+@pytest.mark.slow
+def test_every_end_of_a_burst_of_short_notebooks_is_seen_when_it_happens(tmp_path):
+    """Ten one-line notebooks on two workers send twenty events within a second or two, more
+    than the orchestration keeps waits open for: each end is still seen within seconds of the
+    runner's verdict, not at the 15 s safety poll, and the progress says `cloning...` once."""
+    files = {f"nb/t{i}.ipynb": notebook(f"x = {i}") for i in range(10)}
+    repo = make_repo(tmp_path / "repo", files)
+    body = tmp_path / "body.json"
+    body.write_text(
+        json.dumps({"repository": {"url": file_url(repo)}, "notebooks": ["nb/*.ipynb"]})
+    )
+    state = tmp_path / "state"
+    result = cli(
+        tmp_path, "run", body, "--state", state, "--out", tmp_path / "out", "--workers", "2"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["counts"]["succeeded"] == 10
+    ended = max(
+        datetime.fromisoformat(json.loads(p.read_text())["endedAt"].replace("Z", "+00:00"))
+        for p in (state / "runs").glob("*/state.json")
+    )
+    finished = datetime.fromisoformat(summary["finishedAt"].replace("Z", "+00:00"))
+    assert (finished - ended).total_seconds() < 10, result.stdout
+    assert result.stdout.count("cloning...") == 1, result.stdout
