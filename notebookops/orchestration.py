@@ -184,8 +184,7 @@ def _run_rounds(
     policy.mark_ready(state, context.current_utc_datetime)
     waits: list[Task] = []
     named: set[str] = set(state.pop("pollFirst", None) or [])
-    if policy.polls_all_each_generation(state):
-        named |= {n["path"] for n in policy.active(state)}
+    named |= _every_run_if_free(state)
     if opens_waits and policy.pushing(state):
         waits = [context.wait_for_external_event(run_events.EVENT_NAME) for _ in range(EVENT_WAITS)]
         opener = context.create_timer(context.current_utc_datetime)
@@ -234,24 +233,29 @@ def _run_rounds(
         if winner is not timer:
             timer.cancel()
             named, waits = _read_events(context, state, waits)
-            if not waits and policy.polls_all_each_generation(state):
+            if not waits:
                 # Every wait was filled, so later events of the burst found none and only the
-                # last was kept (short notebooks send two each): where polls cost nothing, the
-                # next round reads every run.
-                named |= {n["path"] for n in policy.active(state)}
+                # last was kept (short notebooks send two each).
+                named |= _every_run_if_free(state)
         if not opened:
             # The first generation learns that the backend pushes from its submits, so its
             # waits open only now: of the events its runs sent before, the SDK kept the last.
-            # Where polls cost nothing, the next round reads every run instead.
             opened = True
-            if policy.polls_all_each_generation(state):
-                named |= {n["path"] for n in policy.active(state)}
+            named |= _every_run_if_free(state)
     if policy.pushing(state):
         # The last race's events, and those that came while its round ran.
         arrived, waits = _read_events(context, state, waits)
         state["pollFirst"] = sorted(named | arrived)
     context.continue_as_new(_next_generation(state))
     return False
+
+
+def _every_run_if_free(state: dict[str, Any]) -> set[str]:
+    """Every active run where status reads cost nothing (local), for a round to read when
+    events may have been lost; elsewhere none (those runs keep their safety polls)."""
+    if not policy.polls_all_each_generation(state):
+        return set()
+    return {n["path"] for n in policy.active(state)}
 
 
 def _next_generation(state: dict[str, Any]) -> dict[str, Any]:

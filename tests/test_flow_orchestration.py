@@ -608,6 +608,18 @@ class _Rounds(Host):
         self.seen.append((ended, self.get_status(inst.instance_id)["customStatus"] or {}))
 
 
+def _run_recorded(flow_env, folder: str, files: dict) -> tuple[_Rounds, dict]:
+    """The notebooks `files` on the fake backend through a recording devhost on the virtual
+    clock: the host (its rounds and statuses) and the final status, which succeeded."""
+    repo = make_repo(flow_env / folder, files)
+    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
+    with _Rounds(APP_ROOT, flow_env / "state", clock="virtual") as host:
+        instance = deliver(host, body)
+        status = host.wait_for(instance, 60)
+    assert status["output"]["result"] == "succeeded"
+    return host, status
+
+
 def test_a_monitor_round_answers_only_for_runs_with_news(flow_env):
     """A round's answer lands in the history every later episode of the generation parses
     again, so the monitor answers only for runs whose state changed since the orchestrator
@@ -617,12 +629,7 @@ def test_a_monitor_round_answers_only_for_runs_with_news(flow_env):
         "nb/waits.ipynb": fake_notebook(polls=4, queuedPolls=3),
         "nb/runs.ipynb": fake_notebook(polls=8),
     }
-    repo = make_repo(flow_env / "r7", files)
-    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
-    with _Rounds(APP_ROOT, flow_env / "state", clock="virtual") as host:
-        instance = deliver(host, body)
-        status = host.wait_for(instance, 60)
-    assert status["output"]["result"] == "succeeded"
+    host, status = _run_recorded(flow_env, "r7", files)
     summary = {n["path"]: n for n in status["output"]["notebooks"]}
     # Queued for 3 more polls than the other, so queued for longer: the moment it was seen
     # running was in an answer.
@@ -654,12 +661,7 @@ def test_the_status_shows_each_round_as_it_happens(flow_env, monkeypatch):
     real = policy.custom_status
     monkeypatch.setattr(policy, "custom_status", lambda *a: built.append(a[1]) or real(*a))
     files = {"nb/quick.ipynb": fake_notebook(polls=2), "nb/long.ipynb": fake_notebook(polls=9)}
-    repo = make_repo(flow_env / "r8", files)
-    body = message(repo, ["nb/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
-    with _Rounds(APP_ROOT, flow_env / "state", clock="virtual") as host:
-        instance = deliver(host, body)
-        status = host.wait_for(instance, 60)
-    assert status["output"]["result"] == "succeeded"
+    host, status = _run_recorded(flow_env, "r8", files)
     assert status["customStatus"]["phase"] == "finished"
     states = [
         {n["path"]: n["state"] for n in custom.get("notebooks", [])} for _, custom in host.seen
