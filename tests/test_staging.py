@@ -7,8 +7,10 @@ writes next to itself, and never changes what another notebook or a later run se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -165,6 +167,98 @@ def test_without_mount_privileges_root_gets_a_private_copy_instead(checkout, tmp
     (view / "data" / "table.csv").write_text("changed\n")
     assert (checkout / "data" / "table.csv").read_text() == "x\n41\n"
     assert not (view / ".git").exists()
+
+
+@pytest.fixture
+def wide_checkout(tmp_path: Path) -> Path:
+    """A repository with one folder of many small files beside the notebooks' folders."""
+    root = tmp_path / "wide"
+    (root / ".git").mkdir(parents=True)
+    many = root / "data" / "many"
+    many.mkdir(parents=True)
+    for i in range(staging.LINK_WHOLE_ABOVE + 1):
+        (many / f"part-{i:03d}.csv").write_text(f"{i}\n")
+    (root / "outputs").mkdir()
+    (root / "outputs" / ".gitkeep").write_text("")
+    (root / "nb").mkdir()
+    (root / "nb" / "a.ipynb").write_text("{}")
+    (root / "top.ipynb").write_text("{}")
+    return root
+
+
+def entries(view: Path) -> int:
+    return sum(len(dirs) + len(names) for _, dirs, names in os.walk(view))
+
+
+WIDE_PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    from notebookops.compute.staging import protect_view
+    view, source = Path(sys.argv[1]), Path(sys.argv[2])
+    protect_view(view, source)
+    result = {"read": (view / "data/many/part-007.csv").read_text()}
+    for name, path in (("linked", "data/many/mine.csv"), ("small", "outputs/mine.csv")):
+        try:
+            (view / path).write_text("mine")
+            result[name] = "ok"
+        except OSError as exc:
+            result[name] = exc.strerror
+    print(json.dumps(result))
+    """
+)
+
+
+def test_a_large_folder_off_the_notebooks_way_costs_one_link_and_stays_read_only(
+    wide_checkout, tmp_path
+):
+    """Where root's read-only mount protects the shared checkout, a folder of more than
+    LINK_WHOLE_ABOVE files that is not on the way to the notebook is linked whole: the view no
+    longer costs an inode per file of the repository. Without root every folder stays real."""
+    before = tree_digest(wide_checkout)
+    view = tmp_path / "view"
+    stats = staging.stage_view(wide_checkout, view, "nb/a.ipynb")
+    # Every file reads the same through the view by its relative path, however it is linked.
+    committed = {k: v for k, v in tree_digest(wide_checkout).items() if ".git" not in k}
+    assert {rel: hashlib.sha256((view / rel).read_bytes()).hexdigest() for rel in committed} == (
+        committed
+    )
+    assert not (view / ".git").exists()
+    if os.geteuid() != 0:
+        assert stats.linked_folders == 0 and not (view / "data").is_symlink()
+        return
+    assert stats.linked_folders == 1
+    # The outermost folder off the notebook's way that is large is the link.
+    assert (view / "data").is_symlink()
+    assert not (view / "outputs").is_symlink() and not (view / "nb").is_symlink()
+    assert entries(view) < 12, sorted(os.listdir(view))
+
+    done = subprocess.run(
+        [sys.executable, "-c", WIDE_PROBE, str(view), str(wide_checkout)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"read": "7\n", "linked": "Read-only file system", "small": "ok"}
+    assert tree_digest(wide_checkout) == before
+    assert (view / "outputs" / "mine.csv").read_text() == "mine"
+
+
+def test_the_folders_on_the_way_to_the_notebook_stay_real_however_large(wide_checkout, tmp_path):
+    inside = staging.stage_view(wide_checkout, tmp_path / "inside", "data/many/part-001.csv")
+    assert not (tmp_path / "inside" / "data" / "many").is_symlink()
+    assert inside.linked_folders == 0
+    # A notebook at the top: its own folder is real, a large subfolder of it is still linked.
+    top = staging.stage_view(wide_checkout, tmp_path / "top", "top.ipynb")
+    assert (tmp_path / "top" / "data").is_symlink() == (os.geteuid() == 0)
+    assert (top.linked_folders == 1) == (os.geteuid() == 0)
+    # Removing a view removes its links, never what they point to.
+    shutil.rmtree(tmp_path / "top")
+    assert len(os.listdir(wide_checkout / "data" / "many")) == staging.LINK_WHOLE_ABOVE + 1
 
 
 @pytest.mark.slow

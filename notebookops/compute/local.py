@@ -136,7 +136,7 @@ class LocalBackend:
             if run_dir.exists():  # left over by a submit that died half-way
                 shutil.rmtree(run_dir)
             run_dir.mkdir()
-            stage_view(source_root, files.work)
+            stage_view(source_root, files.work, notebook)
             files.output_dir.mkdir()
             write_json_atomic(
                 files.run_json,
