@@ -10,8 +10,9 @@ and the child's peak resident memory (`wait4`'s rusage: the host process, devhos
 activity, since activities run in it; kernels and runners are detached and not counted).
 
 Goals: every payload under 1 MB (the Durable Task Scheduler's limit per payload; Azure Storage
-task hubs spill large messages to blobs, DTS refuses them), the largest generation under
-3N + 100 events, every notebook succeeded.
+task hubs spill large messages to blobs, DTS refuses them), the custom status within 16 KB of
+UTF-16 JSON (Durable Functions fails an orchestration whose status is larger), the largest
+generation under 3N + 100 events, every notebook succeeded.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _observed_host() -> type:
             super().__init__(*args, **kwargs)
             self.max_history = 0
             self.payloads = dict.fromkeys(KINDS, 0)
+            self.status_utf16 = 0  # the custom status's own limit counts UTF-16 bytes
 
         def _note(self, kind: str, value: Any) -> None:
             self.payloads[kind] = max(self.payloads[kind], _size(value))
@@ -73,6 +75,8 @@ def _observed_host() -> type:
                 self._note("activity input", item.input)
             if res.custom_status_set:
                 self._note("custom status", res.custom_status)
+                utf16 = len(json.dumps(res.custom_status).encode("utf-16-le"))
+                self.status_utf16 = max(self.status_utf16, utf16)
             if res.continue_input is not None:
                 self._note("orchestration input", res.continue_input)
             if res.status == "Completed":
@@ -80,7 +84,11 @@ def _observed_host() -> type:
             super()._commit(inst, history, rows, res, now)
 
         def __exit__(self, *exc: Any) -> Any:
-            stats = {"maxHistory": self.max_history, "payloads": self.payloads}
+            stats = {
+                "maxHistory": self.max_history,
+                "payloads": self.payloads,
+                "customStatusUtf16": self.status_utf16,
+            }
             Path(os.environ["NOTEBOOKOPS_BENCH_STATS"]).write_text(json.dumps(stats))
             return super().__exit__(*exc)
 
@@ -181,6 +189,16 @@ def run(report: Report, *, notebooks: int = 500) -> dict:
             f"{largest / PAYLOAD_LIMIT:.2f} of 1 MB",
             "< 1 MB each (DTS limit)",
             largest < PAYLOAD_LIMIT,
+        )
+        status_kb = stats["customStatusUtf16"] / 1024
+        report.add(
+            "7 wide",
+            "largest custom status (UTF-16 JSON)",
+            f"{status_kb:.1f} KB",
+            "",
+            "",
+            "<= 16 KB (Durable Functions' limit)",
+            stats["customStatusUtf16"] <= 16 * 1024,
         )
         report.add(
             "7 wide",

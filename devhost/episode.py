@@ -237,8 +237,12 @@ def run_episode(
     }
     state, error = call_orchestrator(func.func, context)
     if "customStatus" in state:
-        result.custom_status = state["customStatus"]
-        result.custom_status_set = True
+        too_large = custom_status_problem(state["customStatus"])
+        if too_large:
+            error = error or too_large
+        else:
+            result.custom_status = state["customStatus"]
+            result.custom_status_set = True
 
     actions = flatten(state.get("actions") or [])
     consuming = [a for a in actions if a.get("actionType") in ID_CONSUMING]
@@ -269,6 +273,22 @@ def run_episode(
         result.status = "Completed"
         result.output = state.get("output")
     return result
+
+
+# The durable extension fails an out-of-process orchestration whose custom status is larger
+# than this in UTF-16 JSON text, as the in-process model always has (Azure Storage keeps it in
+# one table column): Azure/azure-functions-durable-extension#3113.
+CUSTOM_STATUS_MAX_BYTES = 16 * 1024
+
+
+def custom_status_problem(value: Any) -> str | None:
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-16-le"))
+    if size <= CUSTOM_STATUS_MAX_BYTES:
+        return None
+    return (
+        "The UTF-16 size of the JSON-serialized payload must not exceed 16 KB. "
+        f"The current payload size is {-(-size // 1024)} KB."
+    )
 
 
 def _check_determinism(consuming: list[dict[str, Any]], scheduled: list[list[Any]]) -> str | None:

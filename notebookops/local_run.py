@@ -100,7 +100,8 @@ class Progress:
             lines.append("cloning...")
         if custom.get("commit") and "commit" not in self.seen:
             self.seen["commit"] = custom["commit"]
-            lines.append(f"commit {custom['commit'][:12]}, {len(custom['notebooks'])} notebook(s)")
+            total = (custom.get("counts") or {}).get("total", len(custom.get("notebooks") or []))
+            lines.append(f"commit {custom['commit'][:12]}, {total} notebook(s)")
         for notebook in custom.get("notebooks", []):
             if self.seen.get(notebook["path"]) != notebook["state"]:
                 self.seen[notebook["path"]] = notebook["state"]

@@ -107,19 +107,14 @@ def _with_query(url: str, query: dict[str, str], **extra: str) -> str:
     return f"{url}?{urlencode(merged)}" if merged else url
 
 
-def _bar(notebooks: list[dict[str, Any]]) -> list[tuple[str, float]]:
-    total = len(notebooks) or 1
-    parts = {"ok": 0, "bad": 0, "other": 0, "run": 0}
-    for notebook in notebooks:
-        state = notebook.get("state")
-        if state == "succeeded":
-            parts["ok"] += 1
-        elif state in ("failed", "timedOut"):
-            parts["bad"] += 1
-        elif state == "canceled":
-            parts["other"] += 1
-        elif state == "running":
-            parts["run"] += 1
+def _bar(tally: dict[str, Any]) -> list[tuple[str, float]]:
+    total = tally.get("total") or 1
+    parts = {
+        "ok": tally.get("succeeded") or 0,
+        "bad": (tally.get("failed") or 0) + (tally.get("timedOut") or 0),
+        "other": tally.get("canceled") or 0,
+        "run": tally.get("running") or 0,
+    }
     return [(k, round(100 * v / total, 2)) for k, v in parts.items() if v]
 
 
@@ -127,15 +122,22 @@ def run_page(view: dict[str, Any], query: dict[str, str]) -> str:
     from urllib.parse import quote
 
     notebooks = view.get("notebooks") or []
-    done = {"succeeded", "failed", "timedOut", "canceled"}
+    done = ("succeeded", "failed", "timedOut", "canceled")
+    # The counts cover every notebook; a running run may list only some (status.run_view).
+    tally = view.get("counts") or {}
+    if not isinstance(tally.get("total"), int):
+        tally = {"total": len(notebooks)}
+        for notebook in notebooks:
+            tally[notebook.get("state")] = tally.get(notebook.get("state"), 0) + 1
     return (
         _environment()
         .get_template("run.html.j2")
         .render(
             run=view,
-            finished=sum(1 for n in notebooks if n.get("state") in done),
-            running=sum(1 for n in notebooks if n.get("state") == "running"),
-            bar=_bar(notebooks),
+            total=tally["total"],
+            finished=sum(tally.get(k) or 0 for k in done),
+            running=tally.get("running") or 0,
+            bar=_bar(tally),
             refresh_seconds=REFRESH_SECONDS if view.get("state") == "running" else None,
             json_url=_with_query(
                 f"/api/runs/{quote(view['instanceId'], safe='')}", query, format="json"

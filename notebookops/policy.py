@@ -708,16 +708,57 @@ def result_of(state: dict[str, Any]) -> str:
     return "succeeded"
 
 
+# Durable Functions limits the custom status to 16 KB of UTF-16 JSON text, on every storage
+# backend; a larger one fails the orchestration. The budget leaves room for the host's own
+# serialization of the same value.
+CUSTOM_STATUS_MAX_BYTES = 16 * 1024
+_STATUS_BUDGET = CUSTOM_STATUS_MAX_BYTES - 1024
+# Who is listed first when not every notebook fits: what people look for while a run goes.
+_LIST_FIRST = {"running": 0, "failed": 1, "timedOut": 1, "canceled": 2, "queued": 3, "pending": 4}
+_ERRORS_LISTED, _ERROR_CHARS = 10, 300
+
+
+def utf16_size(value: Any) -> int:
+    """Bytes of `value`'s JSON text in UTF-16, as the custom status limit counts them."""
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-16-le"))
+
+
 def custom_status(state: dict[str, Any], phase: str) -> dict[str, Any]:
-    """What people see while the run goes: no token, no parameters, no handles."""
-    return {
+    """What people see while the run goes: no token, no parameters, no handles.
+
+    It fits the custom status limit however many notebooks run: when the notebooks do not all
+    fit, those running, failed, canceled, queued and pending are listed first (in run order),
+    and `unlisted` counts the rest; `counts` always covers every notebook, and the output lists
+    every notebook once the run ends."""
+    errors = state["errors"]
+    status = {
         "phase": phase,
         "commit": state.get("commit"),
         "counts": counts(state),
         "notebooks": [_progress(n) for n in state["notebooks"]],
-        "errors": state["errors"],
+        "errors": errors,
         "callback": state.get("callback"),
     }
+    if utf16_size(status) <= _STATUS_BUDGET:
+        return status
+    if len(errors) > _ERRORS_LISTED or any(len(str(e)) > _ERROR_CHARS for e in errors):
+        kept = [str(e)[:_ERROR_CHARS] for e in errors[:_ERRORS_LISTED]]
+        more = len(errors) - len(kept)
+        status["errors"] = kept + ([f"... and {more} more (in the output)"] if more else [])
+    entries = status["notebooks"]
+    status["notebooks"], status["unlisted"] = [], len(entries)
+    room = _STATUS_BUDGET - utf16_size(status)
+    order = sorted(range(len(entries)), key=lambda i: (_LIST_FIRST.get(entries[i]["state"], 5), i))
+    listed = []
+    for i in order:
+        cost = utf16_size(entries[i]) + 4  # and its separator
+        if cost > room:
+            break
+        room -= cost
+        listed.append(i)
+    status["notebooks"] = [entries[i] for i in sorted(listed)]
+    status["unlisted"] = len(entries) - len(listed)
+    return status
 
 
 # The status page shows a finished notebook's error line while the others still run; the

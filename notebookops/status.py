@@ -123,6 +123,9 @@ def run_view(
             if isinstance(n, Mapping)
         ],
     }
+    # While it goes, a run of many notebooks lists only some (policy.custom_status's limit).
+    if source is custom and isinstance(custom.get("unlisted"), int) and custom["unlisted"]:
+        view["unlisted"] = custom["unlisted"]
     # Belt and braces: nothing in here should hold a secret, but scrub what we know.
     return redact.redact_mapping(view)
 

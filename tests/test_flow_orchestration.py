@@ -828,3 +828,62 @@ def test_a_generation_started_without_a_round_count_takes_the_ten_rounds_it_was_
         assert rounds[0] == first - 1
         assert all(r == every for r in rounds[1:-1])
         assert sum(rounds) == 23
+
+
+def _wide_files(count: int) -> dict:
+    folder = "nb/a-folder-with-a-rather-long-and-descriptive-name"
+    files = {
+        f"{folder}/experiment-{i:03d}-with-a-long-descriptive-name.ipynb": fake_notebook(
+            polls=2 + i % 5
+        )
+        for i in range(count)
+    }
+    files[f"{folder}/experiment-007-with-a-long-descriptive-name.ipynb"] = fake_notebook(
+        polls=1, outcome="failed"
+    )
+    return files
+
+
+def test_a_run_of_many_notebooks_keeps_its_custom_status_within_16_kb(flow_env):
+    """The durable extension fails an out-of-process orchestration whose custom status is over
+    16 KB of UTF-16 JSON, and devhost does as it does. 120 notebooks with long paths would need
+    about 30 KB: the status lists the running, failed and waiting ones first and counts the
+    rest, every notebook stays counted, and the output lists them all."""
+    from devhost.episode import custom_status_problem
+
+    files = _wide_files(120)
+    repo = make_repo(flow_env / "wide", files)
+    body = message(repo, ["nb/**/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
+    with _Rounds(APP_ROOT, flow_env / "state", clock="virtual") as host:
+        instance = deliver(host, body)
+        status = host.wait_for(instance, 120)
+    assert status["runtimeStatus"] == "Completed", status["output"]
+    assert status["output"]["result"] == "failed"  # the one notebook that fails
+    assert len(status["output"]["notebooks"]) == 120
+    failed = next(p for p in files if "experiment-007" in p)
+    statuses = [custom for _, custom in host.seen if custom.get("notebooks")]
+    assert statuses
+    assert all(custom_status_problem(custom) is None for custom in statuses)
+    assert all(custom["counts"]["total"] == 120 for custom in statuses)
+    assert any(custom.get("unlisted") for custom in statuses)
+    for custom in statuses:
+        listed = {n["path"]: n["state"] for n in custom["notebooks"]}
+        assert len(listed) + custom.get("unlisted", 0) == 120
+        running = custom["counts"]["running"]
+        # What people look for comes first: every running notebook, and the failed one.
+        assert sum(1 for s in listed.values() if s == "running") == running
+        if custom["counts"]["failed"]:
+            assert listed[failed] == "failed"
+
+
+def test_devhost_fails_an_orchestration_whose_custom_status_is_over_16_kb(flow_env, monkeypatch):
+    """What the Azure host does with a status over the limit, met by the same run with the
+    status's own limit lifted: the orchestration fails with the host's message."""
+    from notebookops import policy
+
+    monkeypatch.setattr(policy, "_STATUS_BUDGET", 10**9)
+    repo = make_repo(flow_env / "wide", _wide_files(120))
+    body = message(repo, ["nb/**/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
+    _, _, status = run(flow_env, body, timeout=120)
+    assert status["runtimeStatus"] == "Failed"
+    assert "must not exceed 16 KB" in json.dumps(status["output"])

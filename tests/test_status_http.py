@@ -213,3 +213,34 @@ def test_submit_prints_the_status_page_of_the_run_it_started(served, capsys):
     assert "notebooks[0]" in capsys.readouterr().err
     assert main(["submit", str(body), "--url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach" in capsys.readouterr().out
+
+
+def test_a_running_run_of_many_notebooks_counts_those_its_status_cannot_list(flow_env):
+    """120 notebooks with long paths do not fit in the 16 KB custom status: the run's JSON and
+    page count every notebook, list the running and failed ones, and say how many are left
+    out while the run goes."""
+    folder = "nb/a-folder-with-a-rather-long-and-descriptive-name"
+    files = {
+        f"{folder}/experiment-{i:03d}-with-a-long-descriptive-name.ipynb": fake_notebook(polls=-1)
+        for i in range(120)
+    }
+    files[f"{folder}/experiment-000-with-a-long-descriptive-name.ipynb"] = fake_notebook(
+        polls=1, outcome="failed"
+    )
+    repo = make_repo(flow_env / "wide", files)
+    body = message(repo, ["nb/**/*.ipynb"], compute={"backend": "fake"}, timeoutMinutes=600)
+    with app_host(flow_env / "state") as host:
+        instance = deliver(host, body)
+        for _ in range(400):
+            view = json.loads(get(host.base_url, f"/api/runs/{instance}")[1])
+            if (view.get("counts") or {}).get("failed") and view.get("unlisted"):
+                break
+            time.sleep(0.05)
+        code, page, _ = get(host.base_url, f"/api/runs/{instance}", accept=BROWSER_ACCEPT)
+    assert view["state"] == "running" and view["counts"]["total"] == 120
+    listed = {n["path"]: n["state"] for n in view["notebooks"]}
+    assert view["unlisted"] == 120 - len(listed) > 0
+    assert listed[f"{folder}/experiment-000-with-a-long-descriptive-name.ipynb"] == "failed"
+    assert sum(1 for s in listed.values() if s == "running") == view["counts"]["running"]
+    assert code == 200 and "of <b>120</b> notebooks finished" in page
+    assert f"{view['unlisted']} more notebooks not listed while the run goes" in page
