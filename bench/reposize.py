@@ -196,13 +196,25 @@ def _cold_clone(
     return ours, theirs
 
 
+# Runs of each repository per N: a run of 10 trivial notebooks takes 3-5 s here and varies by
+# a second from one run to the next, so 2 of each cannot tell 1.05x from 1.25x; N=50 runs are
+# longer and steadier.
+REPEATS = {10: 4, 50: 3}
+
+
+def _repeats(repeats: dict[int, int] | int | None, count: int) -> int:
+    if isinstance(repeats, int):
+        return repeats
+    return (repeats or REPEATS).get(count, 2)
+
+
 def run(
     report: Report,
     *,
     small_mb: float = 1,
     large_mb: float = 200,
     counts: tuple[int, ...] = (10, 50),
-    repeats: int = 2,
+    repeats: dict[int, int] | int | None = None,
     cold_repeats: int = 2,
 ) -> dict:
     root = Path(tempfile.mkdtemp(prefix="nbops-bench-size-"))
@@ -242,15 +254,16 @@ def run(
         # filled by the last cold clone) and warms the machine: what follows is warm.
         _run(repos["small"], 1, root / "warm-small", env)
         for count in counts:
+            rounds = _repeats(repeats, count)
             times: dict[str, list[float]] = {"small": [], "large": []}
             disks: dict[str, list[float]] = {"small": [], "large": []}
             sampler: dict[str, float] = {"small": 0.0, "large": 0.0}
-            for i in range(repeats):
+            for i in range(rounds):
                 for label in ("small", "large") if i % 2 == 0 else ("large", "small"):
                     seconds, peak, cpu = _run(
                         repos[label], count, root / f"n{count}-{label}-{i}", env
                     )
-                    sampler[label] += cpu / repeats
+                    sampler[label] += cpu / rounds
                     times[label].append(seconds)
                     disks[label].append(peak)
                     shutil.rmtree(root / f"n{count}-{label}-{i}")
