@@ -91,6 +91,10 @@ def two_notebooks(tmp_path):
     return body, marks
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_after_first_notebook(tmp_path: Path, args: list, sig: int) -> str:
     """Start `run`, wait until quick.ipynb has succeeded, send ``sig``; the first line."""
     proc = subprocess.Popen(
@@ -100,6 +104,9 @@ def _interrupt_after_first_notebook(tmp_path: Path, args: list, sig: int) -> str
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C reaches a command a person started; a shell's background job (a CI runner's,
+        # say) inherits SIGINT ignored, and Python then keeps ignoring it.
+        preexec_fn=_interruptible,
     )
     try:
         first = proc.stdout.readline()
