@@ -69,15 +69,11 @@ def _compile_own_code() -> None:
     run; a machine with PYTHONDONTWRITEBYTECODE set (this one) would otherwise compile our
     modules again in every process of every run, which no user pays."""
     import compileall
+    import re
 
     from bench.common import ROOT
 
-    folders = [ROOT / "notebookops", ROOT / "devhost"]
-    folders += [p.parent for p in ROOT.glob("*/function.json")]
-    folders += [p.parent for p in ROOT.glob("*/__init__.py") if p.parent.name[:1].isupper()]
-    for folder in sorted(set(folders)):
-        compileall.compile_dir(str(folder), quiet=1)
-    compileall.compile_file(str(ROOT / "function_app.py"), quiet=1)
+    compileall.compile_dir(str(ROOT), rx=re.compile(r"/\.(venv|git)/"), quiet=1)
 
 
 def _write_json(path: str, report: Report, raw: dict, began: float) -> None:

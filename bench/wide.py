@@ -49,6 +49,7 @@ def _size(value: Any) -> int:
 def _observed_host() -> type:
     from devhost import Host
     from devhost import events as ev
+    from devhost.episode import custom_status_size
 
     class WatchedHost(Host):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -75,7 +76,7 @@ def _observed_host() -> type:
                 self._note("activity input", item.input)
             if res.custom_status_set:
                 self._note("custom status", res.custom_status)
-                utf16 = len(json.dumps(res.custom_status).encode("utf-16-le"))
+                utf16 = custom_status_size(res.custom_status)
                 self.status_utf16 = max(self.status_utf16, utf16)
             if res.continue_input is not None:
                 self._note("orchestration input", res.continue_input)
@@ -190,6 +191,8 @@ def run(report: Report, *, notebooks: int = 500) -> dict:
             "< 1 MB each (DTS limit)",
             largest < PAYLOAD_LIMIT,
         )
+        from devhost.episode import CUSTOM_STATUS_MAX_BYTES
+
         status_kb = stats["customStatusUtf16"] / 1024
         report.add(
             "7 wide",
@@ -198,7 +201,7 @@ def run(report: Report, *, notebooks: int = 500) -> dict:
             "",
             "",
             "<= 16 KB (Durable Functions' limit)",
-            stats["customStatusUtf16"] <= 16 * 1024,
+            stats["customStatusUtf16"] <= CUSTOM_STATUS_MAX_BYTES,
         )
         report.add(
             "7 wide",

@@ -281,8 +281,13 @@ def run_episode(
 CUSTOM_STATUS_MAX_BYTES = 16 * 1024
 
 
+def custom_status_size(value: Any) -> int:
+    """Bytes of the host's JSON text of a custom status in UTF-16, as the limit counts them."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-16-le"))
+
+
 def custom_status_problem(value: Any) -> str | None:
-    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-16-le"))
+    size = custom_status_size(value)
     if size <= CUSTOM_STATUS_MAX_BYTES:
         return None
     return (

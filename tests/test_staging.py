@@ -106,9 +106,9 @@ PROBE = textwrap.dedent(
 )
 
 
-def probe(view: Path, source: Path) -> dict:
+def probe(view: Path, source: Path, script: str = PROBE) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(view), str(source)],
+        [sys.executable, "-c", script, str(view), str(source)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -233,16 +233,7 @@ def test_a_large_folder_off_the_notebooks_way_costs_one_link_and_stays_read_only
     assert not (view / "outputs").is_symlink() and not (view / "nb").is_symlink()
     assert entries(view) < 12, sorted(os.listdir(view))
 
-    done = subprocess.run(
-        [sys.executable, "-c", WIDE_PROBE, str(view), str(wide_checkout)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = probe(view, wide_checkout, WIDE_PROBE)
     assert result == {"read": "7\n", "linked": "Read-only file system", "small": "ok"}
     assert tree_digest(wide_checkout) == before
     assert (view / "outputs" / "mine.csv").read_text() == "mine"
